@@ -1,0 +1,6 @@
+class UsageError(Exception):
+    """A user mistake; the message says what to do next."""
+
+
+class StoreError(UsageError):
+    """A store that is missing, busy, or in a format this code cannot read."""

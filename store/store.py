@@ -1,0 +1,212 @@
+"""The activation store: one directory with a DuckDB catalog and a Zarr v3 tree of arrays.
+
+DuckDB allows one writing process at a time, so every write here is a short transaction on a
+connection that is opened and closed around it; readers open read-only and retry while a writer
+holds the lock. Long work (extraction) never holds the catalog: it stages a run's rows as Parquet
+files beside its Zarr arrays (see `store.runs`) and merges them in one transaction at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+import numpy as np
+import polars as pl
+import zarr
+
+from store.errors import StoreError, UsageError
+from store.schema import FORMAT_VERSION, MIGRATIONS
+
+CATALOG = "catalog.duckdb"
+ARRAYS = "arrays.zarr"
+STAGING = "staging"
+LOCK_TIMEOUT_S = 30.0
+
+
+def code_version() -> str:
+    """The project's version plus the git commit when run from a checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"0.1.0+{sha}" if sha else "0.1.0"
+
+
+def _is_lock_error(err: Exception) -> bool:
+    text = str(err)
+    return "lock" in text.lower() or "Conflicting lock" in text
+
+
+class Store:
+    """A store directory: `catalog.duckdb` + `arrays.zarr` + `staging/` for runs being written."""
+
+    def __init__(self, path: Path, read_only: bool) -> None:
+        self.path = path
+        self.read_only = read_only
+
+    # ---- opening -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path) -> "Store":
+        """Create a new store (or open an existing one for writing, migrating it)."""
+        root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"{root} exists and is not a directory")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / STAGING).mkdir(exist_ok=True)
+        if not (root / ARRAYS / "zarr.json").exists():
+            zarr.open_group(str(root / ARRAYS), mode="a", zarr_format=3)
+        store = cls(root, read_only=False)
+        store._migrate()
+        return store
+
+    @classmethod
+    def open(cls, path: str | Path, read_only: bool = True) -> "Store":
+        """Open an existing store; refuses a missing store or one of an unknown format."""
+        root = Path(path)
+        if not (root / CATALOG).exists():
+            raise StoreError(f"no store at {root} (no {CATALOG}); create one with `python cli.py extract --store {root}`")
+        store = cls(root, read_only=read_only)
+        if read_only:
+            store._check_version()
+        else:
+            store._migrate()
+        return store
+
+    def _check_version(self) -> None:
+        meta = self._meta()
+        fmt = int(meta.get("format_version", -1))
+        if fmt != FORMAT_VERSION:
+            raise StoreError(
+                f"store {self.path} has format version {fmt}; this refusalscope reads version "
+                f"{FORMAT_VERSION} only"
+            )
+        schema = int(meta.get("schema_version", 0))
+        if schema > len(MIGRATIONS):
+            raise StoreError(
+                f"store {self.path} has schema version {schema}, newer than this refusalscope "
+                f"({len(MIGRATIONS)}); upgrade refusalscope"
+            )
+
+    def _meta(self) -> dict[str, str]:
+        with self.connect() as con:
+            has = con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
+            ).fetchall()[0][0]
+            if not has:
+                return {}
+            return dict(con.execute("SELECT key, value FROM meta").fetchall())
+
+    def _migrate(self) -> None:
+        with self.transaction() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+            meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+            if not meta:
+                con.execute("INSERT INTO meta VALUES ('format_version', ?), ('schema_version', '0')",
+                            [str(FORMAT_VERSION)])
+                meta = {"format_version": str(FORMAT_VERSION), "schema_version": "0"}
+        self._check_version()
+        done = int(meta.get("schema_version", 0))
+        for version, sql in enumerate(MIGRATIONS[done:], start=done + 1):
+            with self.transaction() as con:
+                con.execute(sql)
+                con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
+
+    # ---- connections ---------------------------------------------------------------------
+    @contextmanager
+    def connect(self, read_only: bool | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived catalog connection; waits up to LOCK_TIMEOUT_S for another writer."""
+        ro = self.read_only if read_only is None else read_only
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        delay = 0.02
+        while True:
+            try:
+                con = duckdb.connect(str(self.path / CATALOG), read_only=ro)
+                break
+            except duckdb.Error as err:
+                if not _is_lock_error(err) or time.monotonic() > deadline:
+                    raise StoreError(f"store {self.path} is busy or unreadable: {_one_line(err)}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A write transaction: all or nothing."""
+        if self.read_only:
+            raise StoreError(f"store {self.path} was opened read-only")
+        with self.connect(read_only=False) as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    # ---- queries -------------------------------------------------------------------------
+    def sql(self, query: str, params: list[Any] | None = None) -> pl.DataFrame:
+        """Run one query on the catalog and return its result as a polars DataFrame."""
+        with self.connect() as con:
+            try:
+                rel = con.sql(query, params=params or None)
+                return pl.DataFrame() if rel is None else rel.pl()
+            except duckdb.Error as err:
+                raise UsageError(f"SQL error: {_one_line(err)}") from None
+
+    def fetch_numpy(self, query: str, params: list[Any] | None = None) -> dict[str, np.ndarray]:
+        """Run one query and return its columns as numpy arrays (no polars/pandas detour)."""
+        with self.connect() as con:
+            try:
+                return con.sql(query, params=params or None).fetchnumpy()
+            except duckdb.Error as err:
+                raise UsageError(f"SQL error: {_one_line(err)}") from None
+
+    def run_info(self, run_id: str) -> dict[str, Any] | None:
+        """The `runs` row of one run as a dict, JSON columns decoded; None when absent."""
+        df = self.sql("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        if df.is_empty():
+            return None
+        row = df.row(0, named=True)
+        for key in ("sae_set", "intervention", "settings"):
+            row[key] = json.loads(row[key]) if row[key] else None
+        return row
+
+    # ---- arrays --------------------------------------------------------------------------
+    def array_path(self, run_id: str, name: str) -> Path:
+        """Where one run's array lives: arrays.zarr/runs/<run_id>/<name>."""
+        return self.path / ARRAYS / "runs" / run_id / name
+
+    def open_array(self, run_id: str, name: str) -> zarr.Array:
+        path = self.array_path(run_id, name)
+        if not (path / "zarr.json").exists():
+            raise StoreError(f"no array {name} for run {run_id} in {self.path}")
+        return zarr.open_array(str(path), mode="r")
+
+    def read_rows(self, run_id: str, name: str, rows: np.ndarray) -> np.ndarray:
+        """Gather rows of one run's array (rows need not be sorted or unique)."""
+        arr = self.open_array(run_id, name)
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+        order = np.argsort(rows, kind="stable")
+        lo, hi = int(rows[order[0]]), int(rows[order[-1]]) + 1
+        if hi - lo <= 4 * rows.size:                  # dense enough: one slice read is cheaper
+            block = arr[lo:hi]
+            return np.asarray(block[rows - lo])
+        return np.asarray(arr.get_orthogonal_selection((rows,)))
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
