@@ -122,20 +122,20 @@ class RunWriter:
         self._arrays[name] = arr
         return arr
 
-    def submit(self, chunk: int, arrays: dict[str, tuple[int, np.ndarray]],
+    def submit(self, chunk: int, arrays: list[tuple[str, int, np.ndarray]],
                tables: dict[str, pl.DataFrame]) -> None:
-        """Queue one chunk: array regions {name: (row_start, data)} and rows {table: frame}."""
+        """Queue one chunk: array regions [(name, row_start, data)] and rows {table: frame}."""
         unknown = set(tables) - set(RUN_TABLES)
         assert not unknown, f"not run tables: {unknown}"
-        for arr_name in arrays:
+        for arr_name, _, _ in arrays:
             assert arr_name in self._arrays, f"create array {arr_name} with .array() first"
         while len(self._pending) >= MAX_PENDING:
             self._pending.pop(0).result()
         self._pending.append(self._pool.submit(self._write_chunk, chunk, arrays, tables))
 
-    def _write_chunk(self, chunk: int, arrays: dict[str, tuple[int, np.ndarray]],
+    def _write_chunk(self, chunk: int, arrays: list[tuple[str, int, np.ndarray]],
                      tables: dict[str, pl.DataFrame]) -> None:
-        for name, (row_start, data) in arrays.items():
+        for name, row_start, data in arrays:
             self._arrays[name][row_start:row_start + len(data)] = data
         for table, df in tables.items():
             _atomic_parquet(df, self.staging / f"chunk-{chunk:06d}.{table}.parquet")

@@ -156,18 +156,27 @@ class Store:
             con.execute("COMMIT")
 
     # ---- queries -------------------------------------------------------------------------
-    def sql(self, query: str, params: list[Any] | None = None) -> pl.DataFrame:
-        """Run one query on the catalog and return its result as a polars DataFrame."""
+    def sql(self, query: str, params: list[Any] | None = None,
+            frames: dict[str, pl.DataFrame] | None = None) -> pl.DataFrame:
+        """Run one query on the catalog and return its result as a polars DataFrame.
+
+        `frames` are registered as tables under their names for this query (joins with data in hand).
+        """
         with self.connect() as con:
+            for name, frame in (frames or {}).items():
+                con.register(name, frame.to_arrow())
             try:
                 rel = con.sql(query, params=params or None)
                 return pl.DataFrame() if rel is None else rel.pl()
             except duckdb.Error as err:
                 raise UsageError(f"SQL error: {_one_line(err)}") from None
 
-    def fetch_numpy(self, query: str, params: list[Any] | None = None) -> dict[str, np.ndarray]:
+    def fetch_numpy(self, query: str, params: list[Any] | None = None,
+                    frames: dict[str, pl.DataFrame] | None = None) -> dict[str, np.ndarray]:
         """Run one query and return its columns as numpy arrays (no polars/pandas detour)."""
         with self.connect() as con:
+            for name, frame in (frames or {}).items():
+                con.register(name, frame.to_arrow())
             try:
                 return con.sql(query, params=params or None).fetchnumpy()
             except duckdb.Error as err:
