@@ -31,6 +31,9 @@ from zarr.codecs import BloscCodec
 from store.schema import RUN_TABLES
 from store.store import STAGING, Store, code_version
 
+# feature-major order: a feature's rows sit together (feature cards, GROUP BY feature) and the
+# feature column run-length encodes; measured 10.3 -> 6.1 bytes per latent on synthetic data
+RUN_TABLE_ORDER = {"sae_acts": "layer, feature, row"}
 ROW_CHUNK = 1024                 # rows per Zarr chunk along the row axis
 MAX_PENDING = 2                  # chunks queued for the writer thread before submit() waits
 
@@ -96,6 +99,8 @@ class RunWriter:
         self.staging = store.path / STAGING / plan.run_id
         self.staging.mkdir(parents=True, exist_ok=True)
         self._arrays: dict[str, zarr.Array] = {}
+        self._tails: dict[str, tuple[int, list[np.ndarray]]] = {}  # row-buffered arrays: (first row, parts)
+        self._unmarked: list[tuple[int, int]] = []                 # (chunk, end row) staged, marker not yet due
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{plan.run_id}")
         self._pending: list[Future] = []
 
@@ -103,8 +108,14 @@ class RunWriter:
         """Chunks whose rows are fully staged (their marker exists)."""
         return {int(p.name.split("-")[1].split(".")[0]) for p in self.staging.glob("chunk-*.done")}
 
-    def array(self, name: str, shape: tuple[int, ...], dtype: str = "float32") -> zarr.Array:
-        """This run's array `name`, created on first use (reopened when resuming)."""
+    def array(self, name: str, shape: tuple[int, ...], dtype: str = "float32",
+              row_buffered: bool = True) -> zarr.Array:
+        """This run's array `name`, created on first use (reopened when resuming).
+
+        A row-buffered array is written in whole Zarr chunks: rows are held until a chunk is full,
+        so no chunk is read back and rewritten (that cost 2-3x in throughput). Regions must then be
+        submitted in increasing row order, as extraction does.
+        """
         if name in self._arrays:
             return self._arrays[name]
         path = self.store.array_path(self.run_id, name)
@@ -116,10 +127,13 @@ class RunWriter:
             chunks = (min(ROW_CHUNK, max(shape[0], 1)), *shape[1:])
             arr = zarr.create_array(
                 store=str(path), shape=shape, chunks=chunks, dtype=dtype,
-                compressors=BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),
+                # float32 residuals compress to ~0.93 of raw: not worth the CPU (bench/bench_store.py)
+                compressors=None if dtype.startswith("float") else BloscCodec(cname="zstd", clevel=1),
                 fill_value=0, overwrite=True,
             )
         self._arrays[name] = arr
+        if row_buffered:
+            self._tails[name] = (0, [])
         return arr
 
     def submit(self, chunk: int, arrays: list[tuple[str, int, np.ndarray]],
@@ -135,19 +149,69 @@ class RunWriter:
 
     def _write_chunk(self, chunk: int, arrays: list[tuple[str, int, np.ndarray]],
                      tables: dict[str, pl.DataFrame]) -> None:
+        end_row = 0
         for name, row_start, data in arrays:
-            self._arrays[name][row_start:row_start + len(data)] = data
+            if name in self._tails:
+                self._buffer(name, row_start, data)
+                end_row = max(end_row, row_start + len(data))
+            else:
+                self._arrays[name][row_start:row_start + len(data)] = data
         for table, df in tables.items():
             _atomic_parquet(df, self.staging / f"chunk-{chunk:06d}.{table}.parquet")
-        marker = self.staging / f"chunk-{chunk:06d}.done"
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text("")
-        os.replace(tmp, marker)
+        self._unmarked.append((chunk, end_row))
+        self._mark_durable()
+
+    def _buffer(self, name: str, row_start: int, data: np.ndarray) -> None:
+        """Append rows to the array's tail; write out every whole Zarr chunk it now holds."""
+        start, parts = self._tails[name]
+        held = sum(len(p) for p in parts)
+        if parts and row_start != start + held:          # a gap (resumed run): write the tail as it is
+            self._write_tail(name, whole_chunks_only=False)
+            start, parts, held = row_start, [], 0
+        if not parts:
+            start = row_start
+        parts.append(data)
+        self._tails[name] = (start, parts)
+        self._write_tail(name, whole_chunks_only=True)
+
+    def _write_tail(self, name: str, whole_chunks_only: bool) -> None:
+        start, parts = self._tails[name]
+        if not parts:
+            return
+        arr = self._arrays[name]
+        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        step = arr.chunks[0]
+        end = start + len(rows)
+        cut = (end // step) * step if whole_chunks_only and end < arr.shape[0] else end
+        if cut > start:
+            arr[start:cut] = rows[:cut - start]
+        rest = rows[cut - start:] if cut > start else rows
+        self._tails[name] = (max(cut, start), [rest] if len(rest) else [])
+
+    def _mark_durable(self) -> None:
+        """Write the marker of every staged chunk whose array rows are all on disk."""
+        frontier = min((s if parts else np.inf for s, parts in self._tails.values()), default=np.inf)
+        keep = []
+        for chunk, end_row in self._unmarked:
+            if end_row <= frontier:
+                marker = self.staging / f"chunk-{chunk:06d}.done"
+                tmp = marker.with_suffix(".tmp")
+                tmp.write_text("")
+                os.replace(tmp, marker)
+            else:
+                keep.append((chunk, end_row))
+        self._unmarked = keep
+
+    def _drain(self) -> None:
+        for name in self._tails:
+            self._write_tail(name, whole_chunks_only=False)
+        self._mark_durable()
 
     def flush(self) -> None:
-        """Wait for every queued chunk; re-raises a write error."""
+        """Wait for every queued chunk and write buffered rows; re-raises a write error."""
         while self._pending:
             self._pending.pop(0).result()
+        self._pool.submit(self._drain).result()
 
     def commit(self, tables: dict[str, pl.DataFrame] | None = None) -> None:
         """Make the run visible: staged rows (plus `tables`) and status 'complete' in one transaction."""
@@ -161,7 +225,8 @@ class RunWriter:
                 files = sorted(str(p) for p in self.staging.glob(f"*.{table}.parquet")
                                if _belongs(p, done))
                 if files:
-                    con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)", [files])
+                    order = f" ORDER BY {RUN_TABLE_ORDER[table]}" if table in RUN_TABLE_ORDER else ""
+                    con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?){order}", [files])
             con.execute("UPDATE runs SET status = 'complete', completed_at = ? WHERE run_id = ?",
                         [_now(), self.run_id])
         shutil.rmtree(self.staging, ignore_errors=True)
