@@ -1,11 +1,14 @@
 """Catalog schema: the format version and the ordered list of migrations.
 
 A store records `format_version` (the on-disk layout: catalog + Zarr paths) and `schema_version`
-(how many migrations ran). Later stages add their tables by appending a migration here, never by
-editing an old one.
+(how many migrations ran). Migration 1 is below; later stages add theirs as numbered files
+`store/migrations/NNNN_name.sql` (applied in order), never by editing one that has shipped.
 """
 
+from pathlib import Path
+
 FORMAT_VERSION = 1
+MIGRATION_DIR = Path(__file__).resolve().parent / "migrations"
 
 MIGRATIONS: list[str] = [
     # 1: the extraction tables
@@ -96,6 +99,16 @@ MIGRATIONS: list[str] = [
     );
     """,
 ]
+
+
+def _numbered_migrations() -> list[str]:
+    files = sorted(MIGRATION_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    numbers = [int(f.name[:4]) for f in files]
+    assert len(set(numbers)) == len(numbers) and min(numbers, default=2) >= 2, f"migration numbers: {numbers}"
+    return [f.read_text() for f in files]
+
+
+MIGRATIONS += _numbered_migrations()
 
 # Tables whose rows belong to one run: staged as Parquet while the run is written, merged into
 # the catalog in the single transaction that commits the run.
