@@ -15,6 +15,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Why does a chat model refuse? An activation store plus the analyses of "
                        "arXiv 2509.09708 over it.")
 
+sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders: train the model's own SAEs.")
+analyze_app = typer.Typer(no_args_is_help=True, help="The paper's analysis stages over a store.")
+app.add_typer(sae_app, name="sae")
+app.add_typer(analyze_app, name="analyze")
+
 DEFAULT_STORE = "stores/default"
 StoreOpt = typer.Option(DEFAULT_STORE, "--store", help="Store directory (created when missing).")
 
@@ -85,6 +90,17 @@ def sql(
         text = format_result(df, fmt, out)
     if text:
         typer.echo(text)
+
+
+# ---- sae (issue 4) ------------------------------------------------------------------------
+
+# ---- analyze direction | candidates | prune (issue 5) ---------------------------------------
+
+# ---- analyze fm (issue 6) -------------------------------------------------------------------
+
+# ---- analyze redundancy (issue 7) -----------------------------------------------------------
+
+# ---- controls, costs, taxonomy, feature, report, run (issue 8) ------------------------------
 
 
 if __name__ == "__main__":
