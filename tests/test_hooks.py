@@ -157,7 +157,11 @@ def test_clamp_sets_the_latent_at_the_clamped_positions(model, sae):
     assert torch.equal(after[0, others], h[0, others])                   # unclamped positions keep their bits
     W = sae.W_dec[[f_on, f_off]]
     assert torch.allclose(after[0, pos], h[0, pos] + (v - z[pos, [f_on, f_off]]) @ W, atol=1e-6)
-    assert sae.encode(after)[0, pos, f_on] == pytest.approx(v, abs=1e-5)   # re-encoding reads v back
+    # re-encoding reads v back for one clamped latent that was active (unit W_dec row, tied encoder);
+    # an inactive one reads pre-activation + v, and non-orthogonal clamped rows leak into each other
+    with intervened(blocks(model), Intervention(clamp={LAYER: {f_on: v}}, clamp_positions=(pos,)), {LAYER: sae}):
+        alone = forward(model, x).hidden_states[LAYER + 1]
+    assert sae.encode(alone)[0, pos, f_on] == pytest.approx(v, abs=1e-5)
 
 
 def test_clamp_positions_with_left_padding(model, sae):
@@ -200,6 +204,10 @@ def test_clamp_during_generation_matches_a_full_forward(model, sae):
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2"])
 def test_direction_ablation_leaves_no_component_anywhere(arch):
     model = tiny_model(arch)
+    with torch.no_grad():                              # non-uniform norm gains: a norm of an r-free input is not r-free
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     x = ids()
     r = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(7))
     unit = r / r.norm()
@@ -312,3 +320,18 @@ def test_no_hook_left_after_an_exception(model, sae):
         with intervened(blocks(model), [spec] * 3, saes):
             forward(model, x)
     assert hook_counts(model) == before
+
+
+def test_bfloat16_model_with_a_float32_sae(sae):
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    x = ids()
+    base = forward(model, x)
+    S = active_features(sae, base.hidden_states[LAYER + 1].float())
+    spec = Intervention(zero_ablate={LAYER: S}, clamp={0: {1: 0.1}}, clamp_positions=(0,),
+                        direction_ablate=(1.0,) * D_MODEL)
+    with (intervened(blocks(model), [spec, Intervention()], {LAYER: sae, 0: sae}),
+          captured(blocks(model), [LAYER]) as acts):
+        out = forward(model, x)
+    assert acts[LAYER].dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    assert torch.equal(out.logits[1], base.logits[1])
+    assert not torch.equal(out.logits[0], base.logits[0])
