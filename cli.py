@@ -50,6 +50,7 @@ def extract(
     sae_layers: str = typer.Option("", "--sae-layers", help="Layers to encode with the model's default SAEs: 2-16, all."),
     intervention: Optional[Path] = typer.Option(None, "--intervention", help="Intervention spec (JSON file)."),
     generate: int = typer.Option(0, "--generate", help="Greedy completion length in tokens (0: none)."),
+    save_logits: bool = typer.Option(False, "--save-logits", help="Store last-position logits (float16) in Zarr."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per forward pass."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 or bfloat16 (default: bfloat16 on cuda, float32 on cpu)."),
@@ -65,7 +66,7 @@ def extract(
         request = ExtractRequest(
             model=model, datasets=tuple(dataset), limit=limit or None, seed=seed, layers=layers,
             positions=positions, saes=tuple(sae), sae_layers=sae_layers, intervention=intervention,
-            generate=generate, batch_size=batch_size, device=device, dtype=dtype, store=store,
+            generate=generate, save_logits=save_logits, batch_size=batch_size, device=device, dtype=dtype, store=store,
         )
         summary = run_extract(request, log=lambda msg: typer.echo(msg, err=True))
     typer.echo(summary)

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import polars as pl
 from tqdm import tqdm
 
 from extract.datasets import load_prompts, refusal_phrases
@@ -30,6 +29,7 @@ class ExtractRequest:
     sae_layers: str = ""                    # layers for the model's default SAEs
     intervention: Path | None = None
     generate: int = 0
+    save_logits: bool = False
     batch_size: int = 16
     device: str | None = None
     dtype: str | None = None
@@ -103,7 +103,7 @@ def run_extract(req: ExtractRequest, log: Callable[[str], None]) -> str:
     log(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s ({model.n_layers} layers, d_model "
         f"{model.d_model}, {model.device}, {str(model.dtype).removeprefix('torch.')})")
     settings = ExtractSettings(layers=parse_layers(req.layers, model.n_layers), positions=req.positions,
-                               generate=req.generate, batch_size=req.batch_size)
+                               generate=req.generate, save_logits=req.save_logits, batch_size=req.batch_size)
     saes = resolve_saes(store, model, req.saes, req.sae_layers)
     items = make_items(model, prompts, spec)
     result = extract_with_progress(store, model, items, saes, settings)

@@ -34,6 +34,7 @@ class ExtractSettings:
     layers: tuple[int, ...] = ()          # residual layers stored in Zarr
     positions: str = "all"                # "all" or "last:N": which token positions get rows
     generate: int = 0                     # greedy completion length (0: none)
+    save_logits: bool = False             # store last-position logits (float16 [n_items, vocab]) in Zarr
     batch_size: int = 16
     threshold: float = 0.0                # an SAE latent is stored when its value > threshold
     resid_dtype: str = "float32"          # float32 | float16
@@ -181,8 +182,11 @@ def extract(store: Store, model: LoadedModel, items: Sequence[Item], saes: Seque
     resid_np = np.float16 if settings.resid_dtype == "float16" else np.float32
     for layer in settings.layers:
         writer.array(f"resid/{layer}", (plan.n_rows, model.d_model), settings.resid_dtype)
-    if settings.generate:
-        writer.array("completion_ids", (plan.n_items, settings.generate), "int32")
+    if settings.generate:                       # indexed by item, written out of row order: not row-buffered
+        writer.array("completion_ids", (plan.n_items, settings.generate), "int32", row_buffered=False)
+    if settings.save_logits:
+        vocab = model.model.get_output_embeddings().weight.shape[0]
+        writer.array("logits_last", (plan.n_items, vocab), "float16", row_buffered=False)
     done = writer.done_chunks()
     order = processing_order(items)
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
@@ -261,6 +265,9 @@ def _run_batch(model: LoadedModel, saes: Sequence[SaeRef], settings: ExtractSett
     }
     if settings.generate:
         arrays += [("completion_ids", i, completions[1][b:b + 1]) for b, i in enumerate(batch)]
+    if settings.save_logits:
+        last = logits.float().cpu().numpy().astype(np.float16)                # [batch, vocab]
+        arrays += [("logits_last", i, last[b:b + 1]) for b, i in enumerate(batch)]
     return arrays, tables
 
 

@@ -129,6 +129,17 @@ def test_empty_ablation_leaves_p_i_bit_identical(tmp_path, tiny_model_dirs):
     assert store.sql(q, [plain.run_id])["p_i"].to_list() != store.sql(q, [ablated.run_id])["p_i"].to_list()
 
 
+def test_last_logits_are_stored(tmp_path, tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs("gemma2")))
+    store = Store.create(tmp_path / "s")
+    items = make_items(model, prompts(3))
+    result = extract(store, model, items, settings=ExtractSettings(save_logits=True, batch_size=2))
+    stored = store.read_rows(result.run_id, "logits_last", np.arange(3))
+    for k, item in enumerate(items):
+        _, logits = hidden_states(model, item.chat.input_ids)
+        np.testing.assert_allclose(stored[k].astype(np.float32), logits.numpy(), rtol=1e-2, atol=1e-2)
+
+
 def test_generation_is_stored(tmp_path, tiny_model_dirs):
     model = load_model(str(tiny_model_dirs("qwen2")))
     store = Store.create(tmp_path / "s")
@@ -154,7 +165,7 @@ def test_killed_extraction_resumes(tmp_path, tiny_model_dirs):
     data = tmp_path / "prompts.csv"
     pl.DataFrame({"text": [f"Question number {i}: tell me about topic {i * 7}." for i in range(120)]}).write_csv(data)
     cmd = [sys.executable, "cli.py", "extract", "--model", str(model_dir), "--dataset", str(data), "--limit", "0",
-           "--layers", "0,1", "--batch-size", "4", "--store", str(store_path)]
+           "--layers", "0,1", "--batch-size", "4", "--generate", "2", "--store", str(store_path)]
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen(cmd, cwd=root, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     staging = store_path / "staging"
@@ -184,7 +195,7 @@ def test_killed_extraction_resumes(tmp_path, tiny_model_dirs):
     fresh = Store.create(tmp_path / "fresh")
     from extract.datasets import load_prompts
     items = make_items(model, load_prompts(str(data), limit=None))
-    result = extract(fresh, model, items, settings=ExtractSettings(layers=(0, 1), batch_size=4))
+    result = extract(fresh, model, items, settings=ExtractSettings(layers=(0, 1), batch_size=4, generate=2))
     rid = store.sql("SELECT run_id FROM runs")["run_id"][0]
     assert result.run_id == rid
     np.testing.assert_allclose(store.read_rows(rid, "resid/1", np.arange(n_rows)),
