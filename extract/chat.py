@@ -73,3 +73,18 @@ def _role(pos: int, begin: int, end: int, user_start: int, user_end: int) -> str
     if begin >= user_end:
         return "post_instruction"
     return "user"
+
+
+def render_raw(tokenizer, text: str, add_bos: bool) -> Chat:
+    """Plain text without a chat template (general-text cross-entropy), BOS first when the model has one.
+
+    Roles: position 0 is "first", every other token "user" (so the tokens a loss is taken over are
+    the user-role ones in both renderings).
+    """
+    if not text:
+        raise UsageError("the text is empty")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if add_bos:
+        ids = [tokenizer.bos_token_id, *ids]
+    roles = ["first"] + ["user"] * (len(ids) - 1)
+    return Chat(text, ids, roles, tokenizer.convert_ids_to_tokens(ids))

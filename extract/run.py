@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from extract.chat import Chat, render_chat
+from extract.chat import Chat, render_chat, render_raw
 from extract.datasets import Prompt
 from extract.hooks import captured, intervened
 from extract.interventions import Intervention
@@ -38,6 +38,10 @@ class ExtractSettings:
     batch_size: int = 16
     threshold: float = 0.0                # an SAE latent is stored when its value > threshold
     resid_dtype: str = "float32"          # float32 | float16
+    loss: bool = False                    # items.ce_loss: mean next-token CE (nats) over user-role tokens
+
+    # fields added later are hashed into run ids only when set, so older runs keep their ids
+    _HASHED_WHEN_SET = ("loss",)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -57,6 +61,10 @@ class ExtractSettings:
         if head != "last" or not n.isdigit() or int(n) < 1:
             raise UsageError(f"--positions must be 'all' or 'last:N' (N >= 1), got {self.positions!r}")
         return int(n)
+
+    def hashed(self) -> dict[str, Any]:
+        """The settings as hashed into a run id."""
+        return {k: v for k, v in asdict(self).items() if k not in self._HASHED_WHEN_SET or v}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ExtractSettings":
@@ -88,6 +96,7 @@ class Item:
     prompt: Prompt
     intervention: Intervention
     chat: Chat
+    raw: bool = False                     # plain text, no chat template (see make_items)
 
 
 @dataclass(frozen=True)
@@ -99,8 +108,12 @@ class RunResult:
 
 
 def make_items(model: LoadedModel, prompts: Sequence[Prompt],
-               interventions: Sequence[Intervention] | Intervention | None = None) -> list[Item]:
-    """Pair prompts with interventions (one for all, or one each) and render their chats."""
+               interventions: Sequence[Intervention] | Intervention | None = None, *,
+               raw: bool = False) -> list[Item]:
+    """Pair prompts with interventions (one for all, or one each) and render their chats.
+
+    raw=True: the prompt text as plain text (BOS first if the model's chat starts with one), no template.
+    """
     if interventions is None:
         interventions = Intervention()
     if isinstance(interventions, Intervention):
@@ -111,8 +124,9 @@ def make_items(model: LoadedModel, prompts: Sequence[Prompt],
     items = []
     for prompt, spec in zip(prompts, interventions):
         if prompt.prompt_id not in chats:
-            chats[prompt.prompt_id] = render_chat(model.tokenizer, prompt.text)
-        items.append(Item(prompt, spec, chats[prompt.prompt_id]))
+            chats[prompt.prompt_id] = (render_raw(model.tokenizer, prompt.text, model.has_bos) if raw
+                                       else render_chat(model.tokenizer, prompt.text))
+        items.append(Item(prompt, spec, chats[prompt.prompt_id], raw))
     return items
 
 
@@ -122,8 +136,8 @@ def run_id_for(model: LoadedModel, saes: Sequence[SaeRef], settings: ExtractSett
     request = {
         "model": model.name, "dtype": str(model.dtype),
         "saes": {str(s.layer): s.source for s in saes},
-        "settings": asdict(settings),
-        "items": [[it.prompt.prompt_id, it.intervention.spec_hash()] for it in items],
+        "settings": settings.hashed(),
+        "items": [[it.prompt.prompt_id, it.intervention.spec_hash(), *(["raw"] if it.raw else [])] for it in items],
     }
     blob = json.dumps(request, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -154,9 +168,10 @@ def plan_run(model: LoadedModel, saes: Sequence[SaeRef], settings: ExtractSettin
                            schema={"prompt_id": pl.String, "dataset": pl.String, "idx": pl.Int32,
                                    "split": pl.String, "label": pl.Int8, "category": pl.String,
                                    "text": pl.String})
-    chats = pl.DataFrame({"model": [model.name] * len(uniq), "prompt_id": list(uniq),
-                          "chat_text": [it.chat.chat_text for it in uniq.values()],
-                          "n_tokens": [len(it.chat.input_ids) for it in uniq.values()]},
+    chatted = {pid: it for pid, it in uniq.items() if not it.raw}      # `chats` holds template renderings only
+    chats = pl.DataFrame({"model": [model.name] * len(chatted), "prompt_id": list(chatted),
+                          "chat_text": [it.chat.chat_text for it in chatted.values()],
+                          "n_tokens": [len(it.chat.input_ids) for it in chatted.values()]},
                          schema={"model": pl.String, "prompt_id": pl.String, "chat_text": pl.String,
                                  "n_tokens": pl.Int32})
     specs = {it.intervention.spec_hash(): it.intervention.to_json() for it in items}
@@ -246,7 +261,10 @@ def _run_batch(model: LoadedModel, saes: Sequence[SaeRef], settings: ExtractSett
     want = sorted(set(settings.layers) | set(sae_by_layer))
     embed = model.model.get_input_embeddings()
     with intervened(model.blocks, specs, sae_by_layer, embed, pad_offsets=pad), captured(model.blocks, want) as acts:
-        logits = model.model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+        every = model.model(input_ids=ids, attention_mask=mask, logits_to_keep=0 if settings.loss else 1).logits
+    logits = every[:, -1].clone()                                     # [batch, vocab]; frees `every` below
+    ce = _ce_losses(every, items, batch, pad) if settings.loss else None
+    del every
     probs = torch.softmax(logits.float(), dim=-1)                     # [batch, vocab]
     p_i = probs[:, list(model.i_token_ids)].sum(-1).clamp(1e-12, 1 - 1e-7)
     completions = _generate(model, ids, mask, specs, sae_by_layer, pad, settings.generate)
@@ -259,7 +277,7 @@ def _run_batch(model: LoadedModel, saes: Sequence[SaeRef], settings: ExtractSett
               for layer in settings.layers]
     sae_rows = _sae_rows(run_id, acts, sae_by_layer, rows, pad, settings.threshold)
     tables = {
-        "items": _items_rows(run_id, items, batch, row_start, rows, p_i, probs, completions),
+        "items": _items_rows(run_id, items, batch, row_start, rows, p_i, probs, completions, ce),
         "tokens": _token_rows(run_id, items, batch, rows),
         "sae_acts": sae_rows,
     }
@@ -294,16 +312,16 @@ def _generate(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, specs: 
     """Greedy completions under the same interventions (texts, ids [batch, n_new] padded with -1)."""
     if not n_new:
         return None
+    eos = model.eos_token_ids                         # a property that reads the whole vocab: once, not per token
     with intervened(model.blocks, specs, saes, model.model.get_input_embeddings(), pad_offsets=pad):
         out = model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
-                                   eos_token_id=list(model.eos_token_ids),
-                                   pad_token_id=model.eos_token_ids[0])
+                                   eos_token_id=list(eos), pad_token_id=eos[0])
     new = out[:, ids.shape[1]:].cpu()
     result = np.full((len(specs), n_new), -1, dtype=np.int32)
     texts = []
     for b in range(len(specs)):
         toks = new[b].tolist()
-        cut = next((k for k, t in enumerate(toks) if t in model.eos_token_ids), len(toks))
+        cut = next((k for k, t in enumerate(toks) if t in eos), len(toks))
         result[b, :cut] = toks[:cut]
         texts.append(model.tokenizer.decode(toks[:cut], skip_special_tokens=True))
     return texts, result
@@ -328,8 +346,30 @@ def _sae_rows(run_id: str, acts: dict[int, torch.Tensor], saes: dict[int, Any], 
                                 "feature": pl.Int32, "value": pl.Float32})
 
 
-def _items_rows(run_id, items, batch, row_start, rows, p_i, probs, completions) -> pl.DataFrame:
+def _ce_losses(logits: torch.Tensor, items, batch, pad: torch.Tensor) -> tuple[list[float | None], list[int]]:
+    """Per item: mean next-token cross-entropy (nats) over its user-role tokens, and their count.
+
+    Token p is predicted from position p - 1 (logits column pad + p - 1 with left padding); position 0
+    has no prediction. Chat items: the instruction's tokens; raw items: every token but the first.
+    """
+    means: list[float | None] = []
+    counts: list[int] = []
+    for b, i in enumerate(batch):
+        chat = items[i].chat
+        pos = [p for p, role in enumerate(chat.roles) if role == "user" and p > 0]
+        counts.append(len(pos))
+        if not pos:
+            means.append(None)
+            continue
+        cols = torch.tensor(pos, device=logits.device) + int(pad[b]) - 1
+        targets = torch.tensor([chat.input_ids[p] for p in pos], device=logits.device)
+        means.append(float(torch.nn.functional.cross_entropy(logits[b, cols].float(), targets)))
+    return means, counts
+
+
+def _items_rows(run_id, items, batch, row_start, rows, p_i, probs, completions, ce=None) -> pl.DataFrame:
     texts = completions[0] if completions else [None] * len(batch)
+    ce_loss, n_loss_tokens = ce if ce is not None else ([None] * len(batch), [None] * len(batch))
     p = p_i.cpu().double()
     return pl.DataFrame({
         "run_id": [run_id] * len(batch), "item": batch,
@@ -341,10 +381,11 @@ def _items_rows(run_id, items, batch, row_start, rows, p_i, probs, completions) 
         "p_i": p.float().numpy(),
         "refusal_score": (torch.log(p) - torch.log1p(-p)).float().numpy(),
         "top_token_id": probs.argmax(-1).cpu().numpy().astype(np.int32),
-        "completion": texts,
+        "completion": texts, "ce_loss": ce_loss, "n_loss_tokens": n_loss_tokens,
     }, schema={"run_id": pl.String, "item": pl.Int32, "prompt_id": pl.String, "spec_hash": pl.String,
                "row_start": pl.Int32, "n_rows": pl.Int32, "n_tokens": pl.Int32, "p_i": pl.Float32,
-               "refusal_score": pl.Float32, "top_token_id": pl.Int32, "completion": pl.String})
+               "refusal_score": pl.Float32, "top_token_id": pl.Int32, "completion": pl.String,
+               "ce_loss": pl.Float32, "n_loss_tokens": pl.Int32})
 
 
 def _token_rows(run_id, items, batch, rows) -> pl.DataFrame:

@@ -1,0 +1,173 @@
+"""Stage 1 (paper section 3.2): SAE latents aligned with the refusal direction, enough to jailbreak.
+
+Per SAE layer (layers 0-1 excluded by default) the latents are ranked by cos(r, W_dec[i]) with r
+the unit refusal direction at l*. C_K is the top K of every such layer; K runs 10, 20, ... 200 until
+zero-ablating C_K (every position, SAE error kept) jailbreaks the prompt, i.e. the analysis judge
+calls the completion compliance (a p_i@T judge decides on P("I") alone, without generation: faster).
+Only prompts the model refuses without intervention are swept. The sweep runs in rounds of
+`ks_per_round` values of K: one batched extraction run per round holds every (unresolved prompt, K)
+pair, each row with its own ablation set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from analyze.common import (NO_SAE_ROWS, Feature, Log, ablation, analysis_id, evaluate, latest_analysis,
+                            load_saes, no_log, save_analysis, settings_from_dict, split_prompts)
+from analyze.direction import load_direction
+from analyze.judges import JUDGE_NAMES, Judge, get_judge, judge_run
+from extract.datasets import Prompt
+from extract.interventions import Intervention
+from extract.models import LoadedModel
+from extract.run import ExtractSettings, SaeRef
+from extract.saes import decoder_rows
+from store import Store, UsageError
+
+
+@dataclass(frozen=True)
+class CandidateSettings:
+    direction_id: str | None = None      # None: the newest direction analysis of the model in the store
+    saes: tuple[str, ...] = ()           # LAYER=SOURCE; () = the store's trained SAEs
+    exclude_layers: tuple[int, ...] = (0, 1)
+    dataset: str = "advbench"
+    split: str = "test"
+    n_prompts: int = 32                  # prompts taken from the split; only the refused ones are swept
+    seed: int = 0
+    ks: tuple[int, ...] = tuple(range(10, 201, 10))
+    ks_per_round: int = 5
+    judge: str = "content"
+    generate: int = 64
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.ks or any(k < 1 for k in self.ks) or list(self.ks) != sorted(set(self.ks)):
+            raise UsageError(f"ks must be ascending positive integers, got {self.ks}")
+        for name in ("n_prompts", "ks_per_round", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.generate < 0:
+            raise UsageError(f"generate must be >= 0, got {self.generate}")
+        if self.judge.partition("@")[0] not in JUDGE_NAMES:
+            raise UsageError(f"unknown judge {self.judge!r}; use one of {', '.join(JUDGE_NAMES)}")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "CandidateSettings":
+        return settings_from_dict(cls, raw, "candidates")
+
+
+@dataclass(frozen=True)
+class CandidatesResult:
+    candidates_id: str
+    direction_id: str
+    layer: int                           # l* of the direction
+    prompts: pl.DataFrame = field(repr=False)   # per prompt: clean verdict, chosen K, P("I") clean and at K
+    ranking: pl.DataFrame = field(repr=False)   # per layer: rank, feature, cos (top max(ks))
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def run(store: Store, model: LoadedModel, settings: CandidateSettings, log: Log = no_log) -> CandidatesResult:
+    """Per refused prompt, the smallest K whose C_K ablation jailbreaks; saved in `candidate_sets`."""
+    judge = get_judge(settings.judge)
+    direction = latest_analysis(store, "direction", model.name, settings.direction_id)
+    layer, r, _ = load_direction(store, direction["analysis_id"])
+    saes = [s for s in load_saes(store, model, settings.saes) if s.layer not in settings.exclude_layers]
+    if not saes:
+        raise UsageError(f"no SAE layer is left after excluding layers {settings.exclude_layers}")
+    cid = analysis_id("candidates", model.name, direction["analysis_id"], settings,
+                      {str(s.layer): s.source for s in saes})
+    ranking = rank_by_cosine(saes, torch.from_numpy(r), max(settings.ks))
+    prompts = split_prompts(settings.dataset, settings.split, settings.n_prompts, settings.seed)
+    generate = settings.generate if judge.needs_completion else 0
+    extract_settings = ExtractSettings(positions="last:1", generate=generate, batch_size=settings.batch_size,
+                                       threshold=NO_SAE_ROWS)
+    log(f"clean run of {len(prompts)} {settings.dataset} {settings.split} prompts")
+    rows = [_measure(store, model, prompts, [0] * len(prompts), ranking, saes, extract_settings, judge, log)]
+    unresolved = [p for p, v in zip(prompts, rows[0]["verdict"]) if v == "refusal"]
+    n_refused = len(unresolved)
+    for start in range(0, len(settings.ks), settings.ks_per_round):
+        if not unresolved:
+            break
+        ks = settings.ks[start:start + settings.ks_per_round]
+        log(f"K = {ks[0]}..{ks[-1]} on {len(unresolved)} prompts not yet jailbroken")
+        batch = [p for p in unresolved for _ in ks]
+        frame = _measure(store, model, batch, [k for _ in unresolved for k in ks], ranking, saes,
+                         extract_settings, judge, log)
+        rows.append(frame)
+        done = set(frame.filter(pl.col("jailbroken"))["prompt_id"])
+        unresolved = [p for p in unresolved if p.prompt_id not in done]
+    table = _with_chosen(pl.concat(rows).with_columns(pl.lit(cid).alias("candidates_id")))
+    sets = _chosen_sets(cid, table, ranking)
+    summary = _per_prompt(table, prompts)
+    metrics = {"n_prompts": len(prompts), "n_refused": n_refused,
+               "n_jailbroken": int(summary["k"].is_not_null().sum()), "layer": layer,
+               "sae_layers": [s.layer for s in saes], "runs": sorted(set(table["run_id"]))}
+    save_analysis(store, cid, "candidates", model.name, direction["analysis_id"], judge.judge_id, settings,
+                  metrics, {"candidate_sets": ("candidates_id", table), "feature_sets": ("set_id", sets)})
+    return CandidatesResult(cid, direction["analysis_id"], layer, summary, ranking, metrics)
+
+
+def rank_by_cosine(saes: list[SaeRef], r: torch.Tensor, top: int) -> pl.DataFrame:
+    """Per SAE layer, the `top` latents with the highest cos(r, W_dec[i]): layer, rank (0-based), feature, cos."""
+    parts = []
+    for ref in saes:
+        W = decoder_rows(ref.sae, torch.arange(ref.d_sae))                        # [d_sae, d_model]
+        cos = torch.nn.functional.cosine_similarity(W, r.to(W)[None, :], dim=-1)   # [d_sae]
+        order = torch.argsort(cos, descending=True, stable=True)[:top]
+        parts.append(pl.DataFrame({"layer": [ref.layer] * len(order), "rank": list(range(len(order))),
+                                   "feature": order.tolist(), "cos": cos[order].tolist()},
+                                  schema={"layer": pl.Int16, "rank": pl.Int32, "feature": pl.Int32,
+                                          "cos": pl.Float32}))
+    return pl.concat(parts)
+
+
+def candidate_set(ranking: pl.DataFrame, k: int) -> list[Feature]:
+    """C_K: the top-k latents of every layer in the ranking, as (layer, feature) pairs."""
+    top = ranking.filter(pl.col("rank") < k)
+    return list(zip(top["layer"].to_list(), top["feature"].to_list()))
+
+
+def _measure(store, model, prompts: list[Prompt], ks: list[int], ranking, saes, extract_settings,
+             judge: Judge, log: Log) -> pl.DataFrame:
+    """One run: each prompt with C_k ablated (k = 0: nothing); rows for `candidate_sets` (no id yet)."""
+    sets = {k: candidate_set(ranking, k) for k in set(ks)}
+    specs = [ablation(sets[k]) if k else Intervention() for k in ks]
+    done = evaluate(store, model, prompts, specs, saes, extract_settings, log=log)
+    verdicts = judge_run(store, done.run_id, judge)["verdict"].to_numpy()[done.items]
+    return pl.DataFrame({
+        "prompt_id": [p.prompt_id for p in prompts], "k": ks, "n_features": [len(sets[k]) for k in ks],
+        "run_id": [done.run_id] * len(prompts), "item": done.items.astype(np.int32), "p_i": done.p_i,
+        "verdict": verdicts, "jailbroken": verdicts == "compliance",
+    }, schema_overrides={"k": pl.Int32, "n_features": pl.Int32, "item": pl.Int32, "p_i": pl.Float32})
+
+
+def _with_chosen(table: pl.DataFrame) -> pl.DataFrame:
+    first = (table.filter(pl.col("jailbroken") & (pl.col("k") > 0)).group_by("prompt_id")
+             .agg(pl.col("k").min().alias("chosen_k")))
+    return (table.join(first, on="prompt_id", how="left")
+            .with_columns((pl.col("k") == pl.col("chosen_k")).fill_null(False).alias("chosen"))
+            .drop("chosen_k").sort("prompt_id", "k"))
+
+
+def _chosen_sets(cid: str, table: pl.DataFrame, ranking: pl.DataFrame) -> pl.DataFrame:
+    parts = []
+    for prompt_id, k in table.filter(pl.col("chosen")).select("prompt_id", "k").iter_rows():
+        top = ranking.filter(pl.col("rank") < k)
+        parts.append(pl.DataFrame({
+            "set_id": cid, "stage": 1, "prompt_id": prompt_id, "tau": None, "layer": top["layer"],
+            "feature": top["feature"], "score": top["cos"], "selected": True,
+        }, schema_overrides={"stage": pl.Int8, "tau": pl.Float32}))
+    return pl.concat(parts) if parts else pl.DataFrame()
+
+
+def _per_prompt(table: pl.DataFrame, prompts: list[Prompt]) -> pl.DataFrame:
+    clean = table.filter(pl.col("k") == 0).select("prompt_id", pl.col("verdict").alias("clean_verdict"),
+                                                   pl.col("p_i").alias("p_i_clean"))
+    chosen = table.filter(pl.col("chosen")).select("prompt_id", "k", "n_features", pl.col("p_i").alias("p_i_at_k"))
+    order = pl.DataFrame({"prompt_id": [p.prompt_id for p in prompts], "text": [p.text for p in prompts]})
+    return order.join(clean, on="prompt_id", how="left").join(chosen, on="prompt_id", how="left")

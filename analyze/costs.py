@@ -1,0 +1,339 @@
+"""What an intervention costs: cross-entropy on Alpaca and WikiText-2 (paper Table 9), over-refusal on XSTest.
+
+Conditions: the unmodified model, directional ablation of the store's refusal direction (every
+layer and position), and zero-ablation of each per-prompt feature set (stage 2 by default),
+reported as the mean and standard deviation over the sets.
+
+Cross-entropy, in nats per token, token-weighted over a sample set (`items.ce_loss` x `n_loss_tokens`):
+- Alpaca: the shipped Alpaca has instructions only (no reference responses), so the loss is the
+  model's next-token CE on the instruction tokens of the chat-formatted prompt (the user-role
+  tokens, each predicted from everything before it, template included): on-distribution text for
+  a chat model that every intervention sees identically. 100 prompts of Alpaca's test split.
+- General text: the paper uses The Pile; here WikiText-2's held-out part (`load_texts(part="eval")`,
+  the articles the SAE trainer does not see), cut into windows of `window` tokens, `n_text` of them
+  drawn with the seed, as raw text (no template; BOS first for models that have one).
+Over-refusal: XSTest's 250 safe prompts, greedy completions, share judged "refusal" (analyze.judges).
+Under feature ablation, prompt j gets set j mod n_sets (one pass, not n_sets passes); the rate is
+pooled over all prompts and its std is over the per-set rates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from analyze.common import NO_SAE_ROWS, Feature, Log, ablation, no_log, split_prompts
+from analyze.judges import Judge, get_judge, judge_run
+from extract.datasets import Prompt, load_prompts, load_texts, prompt_id
+from extract.interventions import Intervention
+from extract.models import LoadedModel
+from extract.run import ExtractSettings, SaeRef, extract, make_items
+from store import Store, UsageError
+from store.store import code_version
+
+CONDITIONS = ("baseline", "direction_ablation", "feature_ablation")
+TEXT_DATASET = "wikitext2-eval"
+
+
+@dataclass(frozen=True)
+class CostsSettings:
+    n_alpaca: int = 100                   # paper: 100 Alpaca samples
+    n_text: int = 100                     # paper: 100 Pile samples; here WikiText-2 eval windows
+    window: int = 128                     # tokens per general-text window
+    n_xstest: int = 250                   # XSTest safe prompts for over-refusal (0: skip)
+    generate: int = 64                    # completion tokens judged for over-refusal
+    judge: str = "content"                # analyze.judges name; over-refusal = share of "refusal"
+    stage: int = 2                        # which per-prompt feature sets to ablate
+    max_sets: int = 0                     # at most this many sets (0: all), the first by prompt id
+    conditions: tuple[str, ...] = CONDITIONS
+    batch_size: int = 8                   # loss needs logits at every position: [batch, seq, vocab]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_alpaca", "n_text", "n_xstest", "max_sets"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("window", "batch_size"):
+            if getattr(self, name) < 2:
+                raise UsageError(f"{name} must be >= 2, got {getattr(self, name)}")
+        if self.n_xstest and self.generate < 1:
+            raise UsageError("over-refusal needs completions: generate must be >= 1 (or n_xstest = 0)")
+        unknown = set(self.conditions) - set(CONDITIONS)
+        if unknown or not self.conditions:
+            raise UsageError(f"conditions must be among {', '.join(CONDITIONS)}; got {list(self.conditions)}")
+        if self.stage not in (1, 2, 3):
+            raise UsageError(f"stage must be 1, 2 or 3, got {self.stage}")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "CostsSettings":
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UsageError(f"unknown costs settings: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+@dataclass(frozen=True)
+class CostsResult:
+    costs_id: str
+    table: pl.DataFrame                   # one row per condition that ran (the `costs` rows, set_prompt_id NULL)
+    per_set: pl.DataFrame                 # feature ablation: one row per set
+    skipped: dict[str, str]               # condition -> why it did not run
+
+
+@dataclass(frozen=True)
+class _Condition:
+    name: str
+    specs: list[Intervention]             # one per set (baseline and direction: one)
+    set_ids: list[str | None]             # the prompt whose set each spec ablates
+
+
+def run(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings: CostsSettings,
+        direction: Sequence[float] | None = None,
+        feature_sets: Mapping[str, Sequence[Feature]] | None = None,
+        judge: Judge | None = None, log: Log = no_log) -> CostsResult:
+    """CE loss and over-refusal per condition, stored in `costs` (direction and sets default to the store's)."""
+    judge = judge or get_judge(settings.judge)
+    conditions, skipped = _conditions(store, model, settings, direction, feature_sets)
+    if not conditions:
+        raise UsageError("nothing to measure: " + "; ".join(f"{c}: {why}" for c, why in skipped.items()))
+    costs_id = _costs_id(model.name, settings, conditions, judge.judge_id)
+    samples = _samples(model, settings)
+    rows = []
+    for cond in conditions:
+        log(f"costs: {cond.name} ({len(cond.specs)} intervention{'s' if len(cond.specs) > 1 else ''})")
+        rows += _measure(store, model, saes, settings, cond, samples, judge, log)
+    frame = _frame(costs_id, model.name, settings, judge.judge_id, rows)
+    _save(store, costs_id, frame)
+    return CostsResult(costs_id, frame.filter(pl.col("set_prompt_id").is_null()),
+                       frame.filter(pl.col("set_prompt_id").is_not_null()), skipped)
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+def text_windows(tokenizer, n: int, window: int, seed: int) -> list[Prompt]:
+    """n windows of `window` tokens from WikiText-2's held-out articles, drawn with the seed, as prompts.
+
+    A window is the article's text between its first and last token (so re-tokenizing it gives
+    about `window` tokens); windows do not overlap and never cross an article boundary.
+    """
+    docs = load_texts("wikitext2", part="eval")
+    spans = []
+    for d, doc in enumerate(docs):
+        offsets = tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        spans += [(d, offsets[s][0], offsets[s + window - 1][1]) for s in range(0, len(offsets) - window + 1, window)]
+    if len(spans) < n:
+        raise UsageError(f"WikiText-2's eval part has {len(spans)} windows of {window} tokens; ask for at most that many")
+    picked = np.sort(np.random.default_rng(seed).choice(len(spans), size=n, replace=False))
+    prompts = []
+    for k in picked.tolist():
+        d, start, end = spans[k]
+        text = docs[d][start:end]
+        prompts.append(Prompt(prompt_id(TEXT_DATASET, text), TEXT_DATASET, k, "test", -1, None, text))
+    return prompts
+
+
+@dataclass(frozen=True)
+class _Samples:
+    alpaca: list[Prompt]
+    text: list[Prompt]
+    xstest: list[Prompt]
+
+
+def _samples(model: LoadedModel, settings: CostsSettings) -> _Samples:
+    alpaca = split_prompts("alpaca", "test", settings.n_alpaca, settings.seed) if settings.n_alpaca else []
+    text = text_windows(model.tokenizer, settings.n_text, settings.window, settings.seed) if settings.n_text else []
+    xstest = load_prompts("xstest-safe", limit=settings.n_xstest, seed=settings.seed) if settings.n_xstest else []
+    return _Samples(alpaca, text, xstest)
+
+
+def stored_direction(store: Store, model: str) -> tuple[float, ...] | None:
+    """The selected (l*) refusal direction of the newest direction analysis for `model`, if any."""
+    if not _has_table(store, "directions"):
+        return None
+    df = store.sql("SELECT d.vector FROM directions d JOIN analyses a ON a.analysis_id = d.direction_id "
+                   "WHERE a.model = ? AND d.selected ORDER BY a.created_at DESC LIMIT 1", [model])
+    return None if df.is_empty() else tuple(float(x) for x in df["vector"][0])
+
+
+def stored_feature_sets(store: Store, model: str, stage: int) -> dict[str, tuple[Feature, ...]]:
+    """prompt_id -> its reported stage-`stage` set of (layer, feature), from the newest such analysis."""
+    if not _has_table(store, "feature_sets"):
+        return {}
+    cols = set(store.sql("SELECT column_name FROM information_schema.columns "
+                         "WHERE table_name = 'feature_sets'")["column_name"])
+    selected = " AND f.selected" if "selected" in cols else ""
+    owners = ("SELECT analysis_id AS id, model, created_at FROM analyses"
+              + (" UNION ALL SELECT sweep_id, model, created_at FROM stage3_sweeps"
+                 if _has_table(store, "stage3_sweeps") else ""))
+    df = store.sql(
+        f"WITH owners AS ({owners}), newest AS ("
+        f"  SELECT f.set_id FROM feature_sets f JOIN owners o ON o.id = f.set_id "
+        f"  WHERE f.stage = ? AND o.model = ? ORDER BY o.created_at DESC LIMIT 1) "
+        f"SELECT f.prompt_id, f.layer, f.feature FROM feature_sets f JOIN newest USING (set_id) "
+        f"WHERE f.stage = ?{selected} ORDER BY f.prompt_id, f.layer, f.feature", [stage, model, stage])
+    sets: dict[str, list[Feature]] = {}
+    for pid, layer, feature in df.iter_rows():
+        sets.setdefault(pid, []).append((int(layer), int(feature)))
+    return {p: tuple(dict.fromkeys(f)) for p, f in sets.items()}
+
+
+def _has_table(store: Store, name: str) -> bool:
+    return bool(store.sql("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = ?", [name])["n"][0])
+
+
+def _conditions(store: Store, model: LoadedModel, settings: CostsSettings, direction: Sequence[float] | None,
+                feature_sets: Mapping[str, Sequence[Feature]] | None) -> tuple[list[_Condition], dict[str, str]]:
+    out, skipped = [], {}
+    if "baseline" in settings.conditions:
+        out.append(_Condition("baseline", [Intervention()], [None]))
+    if "direction_ablation" in settings.conditions:
+        vector = tuple(float(x) for x in direction) if direction is not None else stored_direction(store, model.name)
+        if vector is None:
+            skipped["direction_ablation"] = (f"no refusal direction for {model.name} in the store; run "
+                                             f"`python cli.py analyze direction --model {model.name}`")
+        else:
+            out.append(_Condition("direction_ablation", [Intervention(direction_ablate=vector)], [None]))
+    if "feature_ablation" in settings.conditions:
+        sets = dict(feature_sets) if feature_sets is not None else stored_feature_sets(store, model.name, settings.stage)
+        sets = {p: s for p, s in sorted(sets.items()) if s}
+        if settings.max_sets:
+            sets = dict(list(sets.items())[:settings.max_sets])
+        if not sets:
+            skipped["feature_ablation"] = (f"no stage-{settings.stage} feature sets for {model.name} in the store; "
+                                           f"run `python cli.py analyze prune --model {model.name}`")
+        else:
+            out.append(_Condition("feature_ablation", [ablation(s) for s in sets.values()], list(sets)))
+    return out, skipped
+
+
+def _costs_id(model: str, settings: CostsSettings, conditions: Sequence[_Condition], judge_id: str) -> str:
+    blob = json.dumps({"model": model, "settings": asdict(settings), "judge": judge_id,
+                       "conditions": {c.name: [s.spec_hash() for s in c.specs] for c in conditions}},
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+def _measure(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings: CostsSettings,
+             cond: _Condition, samples: _Samples, judge: Judge, log: Log) -> list[dict[str, Any]]:
+    """One row per spec of the condition: CE on both corpora and over-refusal, with the run ids."""
+    refs = [s for s in saes if s.layer in {l for spec in cond.specs for l in spec.layers}]
+    by_spec: dict[str, dict[str, Any]] = {s.spec_hash(): {"set_prompt_id": p, "n_features": _n_features(s)}
+                                          for s, p in zip(cond.specs, cond.set_ids)}
+    loss = ExtractSettings(positions="last:1", loss=True, batch_size=settings.batch_size, threshold=NO_SAE_ROWS)
+    for corpus, prompts, raw in (("alpaca", samples.alpaca, False), ("text", samples.text, True)):
+        if not prompts:
+            continue
+        pairs = [(p, s) for s in cond.specs for p in prompts]
+        items = make_items(model, [p for p, _ in pairs], [s for _, s in pairs], raw=raw)
+        log(f"  {corpus}: {len(items)} items")
+        run_id = extract(store, model, items, refs, loss).run_id
+        for spec_hash, ce, n, n_tok in _ce_by_spec(store, run_id).iter_rows():
+            by_spec[spec_hash].update({f"ce_{corpus}": ce, f"n_{corpus}": n, f"n_{corpus}_tokens": n_tok,
+                                       f"{corpus}_run_id": run_id})
+    if samples.xstest:
+        specs = [cond.specs[j % len(cond.specs)] for j in range(len(samples.xstest))]
+        items = make_items(model, samples.xstest, specs)
+        log(f"  xstest: {len(items)} items, {settings.generate}-token completions")
+        gen = ExtractSettings(positions="last:1", generate=settings.generate, batch_size=settings.batch_size,
+                              threshold=NO_SAE_ROWS)
+        run_id = extract(store, model, items, refs, gen).run_id
+        verdicts = judge_run(store, run_id, judge)
+        spec_of = store.sql("SELECT item, spec_hash FROM items WHERE run_id = ?", [run_id])
+        per = (verdicts.join(spec_of, on="item").group_by("spec_hash")
+               .agg((pl.col("verdict") == "refusal").sum().alias("n_refused"), pl.len().alias("n")))
+        for spec_hash, n_refused, n in per.iter_rows():
+            by_spec[spec_hash].update({"over_refusal": n_refused / n, "n_xstest": n, "n_refused": n_refused,
+                                       "xstest_run_id": run_id})
+    return [{"condition": cond.name, **row} for row in by_spec.values()]
+
+
+def _n_features(spec: Intervention) -> int:
+    return sum(len(f) for f in spec.zero_ablate.values())
+
+
+def _ce_by_spec(store: Store, run_id: str) -> pl.DataFrame:
+    """spec_hash, token-weighted mean CE (nats), items, scored tokens of one loss run."""
+    return store.sql(
+        "SELECT spec_hash, sum(ce_loss * n_loss_tokens) / sum(n_loss_tokens) AS ce, count(*) AS n, "
+        "sum(n_loss_tokens) AS n_tokens FROM items WHERE run_id = ? AND n_loss_tokens > 0 GROUP BY spec_hash",
+        [run_id])
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+_COLUMNS = {"costs_id": pl.String, "model": pl.String, "condition": pl.String, "set_prompt_id": pl.String,
+            "n_sets": pl.Int32, "n_features": pl.Float64,
+            "ce_alpaca": pl.Float64, "ce_alpaca_std": pl.Float64, "n_alpaca": pl.Int32, "n_alpaca_tokens": pl.Int32,
+            "ce_text": pl.Float64, "ce_text_std": pl.Float64, "n_text": pl.Int32, "n_text_tokens": pl.Int32,
+            "over_refusal": pl.Float64, "over_refusal_std": pl.Float64, "n_xstest": pl.Int32, "judge": pl.String,
+            "alpaca_run_id": pl.String, "text_run_id": pl.String, "xstest_run_id": pl.String,
+            "settings": pl.String, "created_at": pl.Datetime("us"), "code_version": pl.String}
+
+
+def _frame(costs_id: str, model: str, settings: CostsSettings, judge_id: str,
+           rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """The `costs` rows: per condition, plus per set for feature ablation (mean and std over sets)."""
+    out = []
+    for name in CONDITIONS:
+        mine = [r for r in rows if r["condition"] == name]
+        if not mine:
+            continue
+        if name == "feature_ablation":
+            out += [{**r, "n_sets": 1} for r in mine]
+        out.append(_summary(name, mine))
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    common = {"costs_id": costs_id, "model": model, "judge": judge_id if settings.n_xstest else None,
+              "settings": json.dumps(asdict(settings), sort_keys=True), "created_at": now,
+              "code_version": code_version()}
+    return pl.DataFrame([{c: {**r, **common}.get(c) for c in _COLUMNS} for r in out], schema=_COLUMNS)
+
+
+def _summary(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One condition's row: the only row, or the mean over sets with the std (ddof 1) over sets."""
+    if len(rows) == 1:
+        return {**rows[0], "n_sets": 1 if name == "feature_ablation" else None, "set_prompt_id": None}
+    row: dict[str, Any] = {"condition": name, "set_prompt_id": None, "n_sets": len(rows),
+                           "n_features": float(np.mean([r["n_features"] for r in rows]))}
+    for corpus in ("alpaca", "text"):
+        values = [r[f"ce_{corpus}"] for r in rows if r.get(f"ce_{corpus}") is not None]
+        if values:
+            row[f"ce_{corpus}"] = float(np.mean(values))
+            row[f"ce_{corpus}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            row[f"n_{corpus}"] = rows[0][f"n_{corpus}"]
+            row[f"n_{corpus}_tokens"] = rows[0][f"n_{corpus}_tokens"]
+            row[f"{corpus}_run_id"] = rows[0][f"{corpus}_run_id"]
+    judged = [r for r in rows if r.get("n_xstest")]
+    if judged:                                        # pooled over every prompt; std over the per-set rates
+        rates = [r["over_refusal"] for r in judged]
+        row["over_refusal"] = sum(r["n_refused"] for r in judged) / sum(r["n_xstest"] for r in judged)
+        row["over_refusal_std"] = float(np.std(rates, ddof=1)) if len(rates) > 1 else None
+        row["n_xstest"] = sum(r["n_xstest"] for r in judged)
+        row["xstest_run_id"] = judged[0]["xstest_run_id"]
+    return row
+
+
+def _save(store: Store, costs_id: str, frame: pl.DataFrame) -> None:
+    with store.transaction() as con:
+        con.execute("DELETE FROM costs WHERE costs_id = ?", [costs_id])
+        con.register("incoming", frame.to_arrow())
+        con.execute("INSERT INTO costs BY NAME SELECT * FROM incoming")
+        con.unregister("incoming")
+
+
+def costs_table(result: CostsResult) -> pl.DataFrame:
+    """The printable table: condition, sets, CE Alpaca / text (mean ± std), over-refusal."""
+    def pm(mean: str, std: str) -> pl.Expr:
+        return (pl.col(mean).round(4).cast(pl.String)
+                + pl.when(pl.col(std).is_not_null()).then(pl.lit(" ± ") + pl.col(std).round(4).cast(pl.String))
+                .otherwise(pl.lit(""))).alias(mean)
+    return result.table.select("condition", "n_sets", pm("ce_alpaca", "ce_alpaca_std"), pm("ce_text", "ce_text_std"),
+                               pl.col("over_refusal").round(3), "n_xstest")

@@ -1,0 +1,310 @@
+"""Stage 2 (paper Algorithm 1): greedy pruning of a prompt's candidate set to a minimal set.
+
+For one prompt, tau and seed: shuffle the pool C (the stage-1 set at the prompt's chosen K) with the
+seed and cut it into blocks of N = 5. K (the features pruned so far) starts empty and P(C\\K), P("I")
+at the last prompt position with C\\K zero-ablated, starts at P(C). For each block V in order:
+    P(C\\(K u V)) is measured with V restored (not ablated),
+    delta = |P(C\\K) - P(C\\(K u V))| / P(C\\K),
+    delta >= tau: V matters, it is kept (stays ablated; K and P(C\\K) unchanged);
+    delta <  tau: V is pruned, K <- K u V, and P(C\\K) <- the value just measured.
+So P(C\\K) of a step is always a value accepted earlier and never recomputed. The run's minimal set
+is C\\K at the end; a prompt's set for tau is the intersection over the seeds (kept under all seeds).
+
+The 8 taus x 3 seeds x prompts runs are independent; they advance in lockstep: every step is ONE
+extraction run whose items carry each run's own ablation set (identical (prompt, set) pairs, common
+early on because a seed's order is shared by its taus, are computed once). Then each prompt's sets
+are ablated with generation and judged, beside a control of as many random features active on the
+prompt (same layers, drawn from the clean run's SAE activations at any position).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from analyze.common import (NO_SAE_ROWS, Feature, Log, ablation, analysis_id, evaluate, latest_analysis,
+                            load_saes, no_log, save_analysis, settings_from_dict, stored_prompts)
+from analyze.judges import JUDGE_NAMES, Judge, get_judge, judge_run
+from extract.datasets import Prompt
+from extract.models import LoadedModel
+from extract.run import ExtractSettings, SaeRef, extract, make_items
+from store import Store, UsageError
+
+POOLS = ("candidates", "active")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    candidates_id: str | None = None     # None: the newest candidates analysis of the model
+    block_size: int = 5                  # N in Algorithm 1
+    taus: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_prompts: int | None = None       # the first N stage-1 prompts with a chosen K (None: all)
+    pool: str = "candidates"             # candidates: C_K as stage 1 ablated it; active: C_K ∩ latents
+                                         # active on the prompt (clean run, any position)
+    judge: str = "content"
+    generate: int = 64
+    batch_size: int = 32                 # rows per forward in the lockstep runs
+    dedupe: bool = True                  # identical (prompt, set) rows of a step share one forward
+    control_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise UsageError(f"block_size must be >= 1, got {self.block_size}")
+        if not self.taus or any(not 0 < t for t in self.taus):
+            raise UsageError(f"taus must be > 0, got {self.taus}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise UsageError(f"seeds must be distinct, got {self.seeds}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise UsageError(f"max_prompts must be >= 1, got {self.max_prompts}")
+        if self.pool not in POOLS:
+            raise UsageError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.generate < 0 or self.batch_size < 1:
+            raise UsageError("generate must be >= 0 and batch_size >= 1")
+        if self.judge.partition("@")[0] not in JUDGE_NAMES:
+            raise UsageError(f"unknown judge {self.judge!r}; use one of {', '.join(JUDGE_NAMES)}")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "PruneSettings":
+        return settings_from_dict(cls, raw, "prune")
+
+
+@dataclass
+class _Run:
+    """One (prompt, tau, seed) run of Algorithm 1."""
+
+    prompt: int
+    tau: float
+    seed: int
+    blocks: list[list[Feature]]
+    p_base: float                        # P(C\K): the accepted value
+    pruned: set[Feature] = field(default_factory=set)    # K
+
+
+@dataclass(frozen=True)
+class PruneTrace:
+    steps: pl.DataFrame                  # `pruning_steps` rows without prune_id
+    kept: dict[tuple[int, float, int], frozenset[Feature]]   # (prompt index, tau, seed) -> C\K at the end
+    n_steps: int
+    n_evaluations: int                   # P("I") measurements asked for (one per live run per step)
+    n_forward_items: int                 # rows actually run (after dedupe)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    prune_id: str
+    candidates_id: str
+    per_prompt: pl.DataFrame = field(repr=False)
+    per_tau: pl.DataFrame = field(repr=False)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no_log) -> PruneResult:
+    """Algorithm 1 for every chosen stage-1 prompt, then the jailbreak check of the minimal sets."""
+    t0 = time.perf_counter()
+    judge = get_judge(settings.judge)
+    cand = latest_analysis(store, "candidates", model.name, settings.candidates_id)
+    chosen = store.sql("SELECT prompt_id, k, p_i FROM candidate_sets WHERE candidates_id = ? AND chosen "
+                       "ORDER BY prompt_id", [cand["analysis_id"]]).head(settings.max_prompts or 10**9)
+    if chosen.is_empty():
+        raise UsageError(f"stage 1 ({cand['analysis_id']}) jailbroke no prompt, so there is nothing to prune; "
+                         "run `analyze candidates` with more prompts or larger K")
+    excluded = set(cand["settings"].get("exclude_layers", ()))
+    saes = [s for s in load_saes(store, model, cand["settings"].get("saes", ())) if s.layer not in excluded]
+    pid = analysis_id("prune", model.name, cand["analysis_id"], settings)
+    prompts = stored_prompts(store, chosen["prompt_id"].to_list())
+    pools = _stage1_sets(store, cand["analysis_id"], prompts)
+    active = _active_features(store, model, prompts, saes)
+    p_full = chosen["p_i"].to_numpy().astype(np.float64)
+    if settings.pool == "active":
+        pools = [pool & act for pool, act in zip(pools, active)]
+        p_full = evaluate(store, model, prompts, [ablation(sorted(p)) for p in pools], saes,
+                          _quiet(settings.batch_size, 0)).p_i
+    log(f"pruning {len(prompts)} prompts x {len(settings.taus)} taus x {len(settings.seeds)} seeds, "
+        f"pools of {min(map(len, pools))}..{max(map(len, pools))} features")
+    trace = lockstep_prune(store, model, saes, prompts, pools, p_full, settings, log)
+    sets = {(i, tau): frozenset.intersection(*(trace.kept[(i, tau, s)] for s in settings.seeds))
+            for i in range(len(prompts)) for tau in settings.taus}
+    log(f"checking {len(sets)} minimal sets and their random controls")
+    checks = _check(store, model, prompts, sets, active, saes, judge, settings, log)
+    per_prompt, per_tau, summary = _summaries(prompts, pools, sets, checks)
+    summary.update(seconds_pruning=trace.seconds, seconds_total=time.perf_counter() - t0,
+                   seconds_per_prompt=trace.seconds / len(prompts), n_steps=trace.n_steps,
+                   n_evaluations=trace.n_evaluations, n_forward_items=trace.n_forward_items)
+    steps = trace.steps.with_columns(pl.lit(pid).alias("prune_id"))
+    save_analysis(store, pid, "prune", model.name, cand["analysis_id"], judge.judge_id, settings, summary,
+                  {"pruning_steps": ("prune_id", steps),
+                   "feature_sets": ("set_id", _feature_rows(pid, prompts, sets, checks)),
+                   "set_checks": ("set_id", checks.with_columns(pl.lit(pid).alias("set_id")))})
+    return PruneResult(pid, cand["analysis_id"], per_prompt, per_tau, summary)
+
+
+def lockstep_prune(store: Store, model: LoadedModel, saes: list[SaeRef], prompts: list[Prompt],
+                   pools: list[set[Feature]], p_full: np.ndarray, settings: PruneSettings,
+                   log: Log = no_log) -> PruneTrace:
+    """Algorithm 1 for every (prompt, tau, seed), all advancing together: one extraction run per step."""
+    t0 = time.perf_counter()
+    runs = []
+    for i, pool in enumerate(pools):
+        ordered = sorted(pool)
+        for seed in settings.seeds:
+            order = np.random.default_rng(seed).permutation(len(ordered))
+            blocks = [[ordered[j] for j in order[s:s + settings.block_size]]
+                      for s in range(0, len(order), settings.block_size)]
+            runs += [_Run(i, tau, seed, blocks, float(p_full[i])) for tau in settings.taus]
+    n_steps = max(len(r.blocks) for r in runs)
+    rows: list[dict[str, Any]] = []
+    n_eval = n_items = 0
+    for step in range(n_steps):
+        live = [r for r in runs if step < len(r.blocks)]
+        specs = [ablation(sorted(pools[r.prompt] - r.pruned - set(r.blocks[step]))) for r in live]
+        done = evaluate(store, model, [prompts[r.prompt] for r in live], specs, saes,
+                        _quiet(settings.batch_size, 0), dedupe=settings.dedupe)
+        n_eval, n_items = n_eval + len(live), n_items + done.n_forward_items
+        for r, p_without, item in zip(live, done.p_i, done.items):
+            rows.append(_decide(r, step, float(p_without), done.run_id, int(item), pools[r.prompt], prompts))
+        log(f"step {step + 1}/{n_steps}: {len(live)} runs, {done.n_forward_items} forwards")
+    kept = {(r.prompt, r.tau, r.seed): frozenset(pools[r.prompt] - r.pruned) for r in runs}
+    steps = pl.DataFrame(rows, schema=_STEP_SCHEMA)
+    return PruneTrace(steps, kept, n_steps, n_eval, n_items, time.perf_counter() - t0)
+
+
+_STEP_SCHEMA = {"prompt_id": pl.String, "tau": pl.Float32, "seed": pl.Int32, "step": pl.Int32,
+                "block_layers": pl.List(pl.Int16), "block_features": pl.List(pl.Int32), "p_base": pl.Float32,
+                "p_without": pl.Float32, "delta": pl.Float32, "decision": pl.String, "n_ablated": pl.Int32,
+                "run_id": pl.String, "item": pl.Int32}
+
+
+def _decide(r: _Run, step: int, p_without: float, run_id: str, item: int, pool: set[Feature],
+            prompts: list[Prompt]) -> dict[str, Any]:
+    """One block decision of Algorithm 1; updates the run and returns its `pruning_steps` row."""
+    block = r.blocks[step]
+    p_base = r.p_base
+    delta = abs(p_base - p_without) / p_base
+    keep = delta >= r.tau
+    if not keep:
+        r.pruned |= set(block)
+        r.p_base = p_without
+    return {"prompt_id": prompts[r.prompt].prompt_id, "tau": r.tau, "seed": r.seed, "step": step,
+            "block_layers": [f[0] for f in block], "block_features": [f[1] for f in block],
+            "p_base": p_base, "p_without": p_without, "delta": delta, "decision": "keep" if keep else "prune",
+            "n_ablated": len(pool) - len(r.pruned), "run_id": run_id, "item": item}
+
+
+def _quiet(batch_size: int, generate: int) -> ExtractSettings:
+    """Last-token runs for P("I") (and completions), storing no residuals and no SAE rows."""
+    return ExtractSettings(positions="last:1", generate=generate, batch_size=batch_size, threshold=NO_SAE_ROWS)
+
+
+def _stage1_sets(store: Store, candidates_id: str, prompts: list[Prompt]) -> list[set[Feature]]:
+    df = store.sql("SELECT prompt_id, layer, feature FROM feature_sets WHERE set_id = ? AND stage = 1",
+                   [candidates_id])
+    by_prompt: dict[str, set[Feature]] = {}
+    for prompt_id, layer, feature in df.iter_rows():
+        by_prompt.setdefault(prompt_id, set()).add((int(layer), int(feature)))
+    return [by_prompt.get(p.prompt_id, set()) for p in prompts]
+
+
+def _active_features(store: Store, model: LoadedModel, prompts: list[Prompt],
+                     saes: list[SaeRef]) -> list[set[Feature]]:
+    """Latents active (> 0) at any position of each prompt's clean run, at the SAE layers."""
+    result = extract(store, model, make_items(model, prompts), saes, ExtractSettings(positions="all"))
+    df = store.sql("SELECT DISTINCT i.item, a.layer, a.feature FROM sae_acts a JOIN tokens t USING (run_id, row) "
+                   "JOIN items i ON i.run_id = t.run_id AND i.item = t.item WHERE a.run_id = ?", [result.run_id])
+    active: list[set[Feature]] = [set() for _ in prompts]
+    for item, layer, feature in df.iter_rows():
+        active[item].add((int(layer), int(feature)))
+    return active
+
+
+def _check(store, model, prompts: list[Prompt], sets: dict[tuple[int, float], frozenset[Feature]],
+           active: list[set[Feature]], saes, judge: Judge, settings: PruneSettings, log: Log) -> pl.DataFrame:
+    """Each (prompt, tau) set ablated and judged; then a random control for each prompt's selected set."""
+    keys = sorted(sets)
+    frame = _select(_judged(store, model, [prompts[i] for i, _ in keys], [sets[k] for k in keys], saes, judge,
+                            settings, log).with_columns(pl.Series("tau", [t for _, t in keys], pl.Float64),
+                                                   pl.lit("set").alias("kind")))
+    chosen = [k for k, flag in zip(keys, frame["selected"]) if flag]
+    controls = [_random_like(sets[(i, tau)], active[i], settings.control_seed, i) for i, tau in chosen]
+    random = _judged(store, model, [prompts[i] for i, _ in chosen], controls, saes, judge, settings, log).with_columns(
+        pl.Series("tau", [t for _, t in chosen], pl.Float64), pl.lit("random").alias("kind"),
+        pl.lit(True).alias("selected"))
+    return pl.concat([frame, random.select(frame.columns)]).with_columns(pl.lit(2, pl.Int8).alias("stage"))
+
+
+def _judged(store, model, prompts: list[Prompt], feature_sets: list[frozenset[Feature] | set[Feature]], saes,
+            judge: Judge, settings: PruneSettings, log: Log) -> pl.DataFrame:
+    """Ablate each set on its prompt (one run, with generation when the judge reads completions) and judge."""
+    generate = settings.generate if judge.needs_completion else 0
+    done = evaluate(store, model, prompts, [ablation(sorted(f)) for f in feature_sets], saes,
+                    _quiet(settings.batch_size, generate), log=log)
+    verdicts = judge_run(store, done.run_id, judge)["verdict"].to_numpy()[done.items]
+    return pl.DataFrame({
+        "prompt_id": [p.prompt_id for p in prompts], "n_features": [len(f) for f in feature_sets],
+        "run_id": [done.run_id] * len(prompts), "item": done.items, "p_i": done.p_i, "verdict": verdicts,
+        "jailbroken": verdicts == "compliance"},
+        schema_overrides={"n_features": pl.Int32, "item": pl.Int32, "p_i": pl.Float32})
+
+
+def _select(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per prompt, the set reported: the largest tau whose set jailbreaks, else the smallest tau."""
+    best = (frame.group_by("prompt_id").agg(
+        pl.col("tau").filter(pl.col("jailbroken")).max().alias("best"), pl.col("tau").min().alias("lowest"))
+        .select("prompt_id", pl.coalesce("best", "lowest").alias("chosen_tau")))
+    return (frame.join(best, on="prompt_id").with_columns((pl.col("tau") == pl.col("chosen_tau")).alias("selected"))
+            .drop("chosen_tau"))
+
+
+def _random_like(chosen: frozenset[Feature], active: set[Feature], seed: int, prompt: int) -> set[Feature]:
+    """As many features as `chosen` per layer, drawn from the prompt's active ones outside `chosen`."""
+    rng = np.random.default_rng([seed, prompt])
+    out: set[Feature] = set()
+    for layer in sorted({f[0] for f in chosen}):
+        need = sum(1 for f in chosen if f[0] == layer)
+        pool = sorted(f for f in active if f[0] == layer and f not in chosen)
+        picks = rng.choice(len(pool), size=min(need, len(pool)), replace=False) if pool else []
+        out |= {pool[j] for j in picks}
+    return out
+
+
+def _summaries(prompts, pools, sets, checks: pl.DataFrame):
+    """Per prompt (selected set and its control), per tau, and the paper's jailbreak table."""
+    chosen = checks.filter((pl.col("kind") == "set") & pl.col("selected"))
+    random = checks.filter(pl.col("kind") == "random").select(
+        "prompt_id", pl.col("jailbroken").alias("random_jailbroken"), pl.col("n_features").alias("n_random"))
+    per_prompt = (pl.DataFrame({"prompt_id": [p.prompt_id for p in prompts], "text": [p.text for p in prompts],
+                                "pool": [len(p) for p in pools]})
+                  .join(chosen.select("prompt_id", "tau", "n_features", "p_i", "verdict", "jailbroken"),
+                        on="prompt_id").join(random, on="prompt_id", how="left"))
+    per_tau = (checks.filter(pl.col("kind") == "set").group_by("tau")
+               .agg(pl.len().alias("n_prompts"), pl.col("jailbroken").sum().alias("n_jailbroken"),
+                    pl.col("n_features").mean().alias("mean_features")).sort("tau"))
+    index = {p.prompt_id: i for i, p in enumerate(prompts)}
+    won = chosen.filter(pl.col("jailbroken"))
+    features = {f for pid, tau in won.select("prompt_id", "tau").iter_rows() for f in sets[(index[pid], tau)]}
+    per_layer: dict[str, int] = {}
+    for layer, _ in sorted(features):
+        per_layer[str(layer)] = per_layer.get(str(layer), 0) + 1
+    summary = {"n_prompts": len(prompts), "n_jailbroken": won.height,
+               "n_random_jailbroken": int(per_prompt["random_jailbroken"].sum()),
+               "n_unique_features": len(features),
+               "features_per_prompt": float(won["n_features"].mean()) if won.height else None,
+               "per_layer_unique": per_layer, "per_tau": per_tau.to_dicts()}
+    return per_prompt, per_tau, summary
+
+
+def _feature_rows(pid: str, prompts: list[Prompt], sets, checks: pl.DataFrame) -> pl.DataFrame:
+    """`feature_sets` rows: every (prompt, tau) set, flagged where it is the prompt's selected one."""
+    rows = [(prompts[i].prompt_id, tau, layer, feature) for (i, tau), fs in sets.items() for layer, feature in sorted(fs)]
+    frame = pl.DataFrame(rows, schema={"prompt_id": pl.String, "tau": pl.Float64, "layer": pl.Int16,
+                                       "feature": pl.Int32}, orient="row")
+    chosen = checks.filter((pl.col("kind") == "set") & pl.col("selected")).select(
+        "prompt_id", "tau", pl.lit(True).alias("selected"))
+    return (frame.join(chosen, on=["prompt_id", "tau"], how="left")
+            .with_columns(pl.col("selected").fill_null(False), pl.lit(pid).alias("set_id"),
+                          pl.lit(2, pl.Int8).alias("stage"), pl.lit(None, pl.Float32).alias("score")))

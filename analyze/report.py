@@ -1,0 +1,530 @@
+"""The report: one self-contained HTML file (plots inline as base64 PNG) and a Markdown twin.
+
+Every section is an entry of SECTIONS: a title, the SQL it reads, a render function from the
+query results to parts (tables, figures, notes, feature cards), the tables it needs and the
+command that fills them. A section whose tables are missing or empty says "not run yet" with that
+command; every table in the report carries the SQL that produced it. A later stage adds its
+section by adding one entry to SECTIONS.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Union
+
+import matplotlib
+
+matplotlib.use("Agg")                                  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import polars as pl  # noqa: E402
+
+from analyze import taxonomy  # noqa: E402
+from analyze.cards import CardSettings, FeatureCard, cards  # noqa: E402
+from store import Store, UsageError  # noqa: E402
+
+
+# ---- parts a section renders into ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Table:
+    frame: pl.DataFrame
+    caption: str = ""
+    sql: str | None = None                # the query behind it (shown in a <details> under it)
+    max_rows: int = 60
+
+
+@dataclass(frozen=True)
+class Figure:
+    png: bytes
+    alt: str
+
+
+@dataclass(frozen=True)
+class Note:
+    text: str
+
+
+@dataclass(frozen=True)
+class Card:
+    card: FeatureCard
+
+
+Part = Union[Table, Figure, Note, Card]
+Render = Callable[[Store, list[pl.DataFrame], tuple[str, ...], "ReportSettings"], list[Part]]
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    sql: tuple[str, ...] | Callable[[Store], tuple[str, ...]]   # queries whose results `render` gets, in order
+    render: Render                        # (store, frames, sql, settings) -> parts
+    needs: tuple[str, ...]                # tables (or prefixes ending in *) that must hold rows
+    command: str                          # what fills them
+    paper: str = ""                       # the paper's table / figure it reproduces
+
+
+@dataclass(frozen=True)
+class Rendered:
+    title: str
+    status: str                           # ok | not run | error
+    parts: list[Part] = field(default_factory=list)
+    command: str = ""
+    paper: str = ""
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    out: str | None = None                # output directory (default: <store>/report)
+    max_cards: int = 24                   # feature cards shown (most frequent features of the sets)
+    n_contexts: int = 6                   # contexts per card
+
+    def __post_init__(self) -> None:
+        if self.max_cards < 0 or self.n_contexts < 1:
+            raise UsageError(f"max_cards must be >= 0 and n_contexts >= 1; got {self.max_cards}, {self.n_contexts}")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ReportSettings":
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UsageError(f"unknown report settings: {sorted(unknown)}")
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    html: Path
+    markdown: Path
+    sections: list[tuple[str, str]]       # (title, status)
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+def run(store: Store, settings: ReportSettings = ReportSettings()) -> ReportResult:
+    """Write report.html and report.md for the store's contents; returns their paths and each section's status."""
+    out = Path(settings.out) if settings.out else store.path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rendered = [render_section(store, s, settings) for s in SECTIONS]
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    title = f"refusalscope report: {store.path.name}"
+    html_path, md_path = out / "report.html", out / "report.md"
+    html_path.write_text(to_html(title, stamp, rendered), encoding="utf-8")
+    md_path.write_text(to_markdown(title, stamp, rendered, out / "report_files"), encoding="utf-8")
+    return ReportResult(html_path, md_path, [(r.title, r.status) for r in rendered])
+
+
+def render_section(store: Store, section: Section, settings: ReportSettings) -> Rendered:
+    """One section's parts, or its "not run yet" / error state."""
+    meta = {"command": section.command, "paper": section.paper}
+    if not all(_has_rows(store, name) for name in section.needs):
+        return Rendered(section.title, "not run", **meta)
+    try:
+        sql = section.sql(store) if callable(section.sql) else section.sql
+        frames = [store.sql(q) for q in sql]
+        if frames and all(f.is_empty() for f in frames):
+            return Rendered(section.title, "not run", **meta)
+        parts = section.render(store, frames, sql, settings)
+    except Exception as err:                           # one broken section must not cost the whole report
+        return Rendered(section.title, "error", [Note(f"this section failed: {type(err).__name__}: {err}")], **meta)
+    return Rendered(section.title, "ok", parts, **meta)
+
+
+def _has_rows(store: Store, name: str) -> bool:
+    pattern = name[:-1] + "%" if name.endswith("*") else name
+    tables = store.sql("SELECT table_name FROM information_schema.tables WHERE table_name LIKE ?", [pattern])
+    return any(store.sql(f'SELECT count(*) AS n FROM (SELECT 1 FROM "{t}" LIMIT 1)')["n"][0]
+               for t in tables["table_name"])
+
+
+# ---- the sections -----------------------------------------------------------------------------
+
+RUNS_SQL = """SELECT run_id, model, status, n_items, n_rows,
+       CASE WHEN length(CAST(intervention AS VARCHAR)) > 60
+            THEN left(CAST(intervention AS VARCHAR), 57) || '...' ELSE CAST(intervention AS VARCHAR) END AS intervention,
+       CAST(created_at AS VARCHAR) AS created_at
+FROM runs ORDER BY created_at"""
+
+DIRECTION_SQL = """-- the newest direction analysis of each model, one row per layer
+SELECT a.model, d.direction_id, d.layer, d.selected, d.evaluated, d.n_refused, d.asr, d.asr_phrase,
+       d.mean_p_i, d.kl_harmless, d.cos_harmful, d.cos_harmful_std, d.cos_benign, d.cos_benign_std
+FROM directions d JOIN analyses a ON a.analysis_id = d.direction_id
+WHERE a.created_at = (SELECT max(created_at) FROM analyses b WHERE b.kind = 'direction' AND b.model = a.model)
+ORDER BY a.model, d.layer"""
+
+STAGE1_SUMMARY_SQL = """-- prompts jailbroken by ablating the top-K candidates at some K (the smallest such K is chosen)
+SELECT candidates_id, count(DISTINCT prompt_id) AS n_prompts,
+       count(DISTINCT prompt_id) FILTER (WHERE chosen) AS n_jailbroken,
+       avg(k) FILTER (WHERE chosen) AS mean_k, avg(n_features) FILTER (WHERE chosen) AS mean_n_features
+FROM candidate_sets GROUP BY candidates_id ORDER BY candidates_id"""
+
+STAGE1_BY_K_SQL = """SELECT candidates_id, k, count(*) AS n_evaluated, sum(jailbroken::INT) AS n_jailbroken,
+       count(*) FILTER (WHERE chosen) AS n_chosen, avg(n_features) AS mean_n_features, avg(p_i) AS mean_p_i
+FROM candidate_sets GROUP BY candidates_id, k ORDER BY candidates_id, k"""
+
+STAGE2_BY_TAU_SQL = """-- ablating each prompt's stage-2 set at each tau, judged
+SELECT set_id, tau, count(*) AS n_prompts, sum(jailbroken::INT) AS n_jailbroken, avg(jailbroken::INT) AS asr,
+       avg(n_features) AS mean_n_features, median(n_features) AS median_n_features
+FROM set_checks WHERE stage = 2 AND kind = 'set' GROUP BY set_id, tau ORDER BY set_id, tau"""
+
+STAGE2_SELECTED_SQL = """-- the reported stage-2 set per prompt (the largest tau whose set jailbreaks)
+SELECT set_id, count(*) AS n_prompts, avg(n) AS mean_set_size, min(n) AS min_set_size, max(n) AS max_set_size
+FROM (SELECT set_id, prompt_id, count(*) AS n FROM feature_sets WHERE stage = 2 AND selected GROUP BY set_id, prompt_id)
+GROUP BY set_id ORDER BY set_id"""
+
+FM_MODELS_SQL = """SELECT model_id, kind, model, embedding, n_features, train_acc, val_acc, test_acc, best_epoch, mean_cosine
+FROM fm_models ORDER BY created_at"""
+
+STAGE3_ASR_SQL = """-- ASR of ablating the stage-2 set plus the top-K features ranked by the FM or the linear probe
+SELECT sweep_id, ranker, k, n_prompts, n_jailbroken, asr FROM stage3_asr ORDER BY sweep_id, ranker, k"""
+
+REDUNDANCY_ABLATIONS_SQL = """-- each prompt's stage-2 set, its dormant (inactive) part and its active part, ablated and judged
+SELECT analysis_id, kind, count(*) AS n_prompts, sum(jailbroken::INT) AS n_jailbroken,
+       avg(jailbroken::INT) AS asr, avg(n_features) AS mean_n_features
+FROM redundancy_ablations GROUP BY analysis_id, kind ORDER BY analysis_id, kind"""
+
+REDUNDANCY_PROMPTS_SQL = """SELECT analysis_id, count(*) AS n_prompts, avg(n_set) AS mean_set_size,
+       avg(n_inactive / n_set) AS inactive_share, sum(kept::INT) AS n_dormant_needed
+FROM redundancy_prompts GROUP BY analysis_id ORDER BY analysis_id"""
+
+REDUNDANCY_SWITCH_ON_SQL = """-- where dormant features switch on once the active part is ablated, by token role
+SELECT analysis_id, role, count(*) AS n_switch_on,
+       count(*) / sum(count(*)) OVER (PARTITION BY analysis_id) AS share
+FROM redundancy_switch_on GROUP BY analysis_id, role ORDER BY analysis_id, share DESC"""
+
+CLAMPING_SQL = """-- benign prompts with the switched-on features clamped at the first token (value NULL: unclamped)
+SELECT analysis_id, prompt_id, value, n_features, p_i,
+       CASE WHEN length(completion) > 140 THEN left(completion, 137) || '...' ELSE completion END AS completion
+FROM redundancy_clamping ORDER BY analysis_id, prompt_id, value NULLS FIRST"""
+
+CONTROLS_SQL = """-- the prompts' reported sets vs as many randomly drawn active features (kind = random)
+SELECT set_id, stage, kind, count(*) AS n_prompts, sum(jailbroken::INT) AS n_jailbroken,
+       avg(jailbroken::INT) AS asr, avg(n_features) AS mean_n_features
+FROM set_checks WHERE selected GROUP BY set_id, stage, kind ORDER BY set_id, stage, kind"""
+
+OBRIEN_SQL = "SELECT * FROM controls"
+
+COSTS_SQL = """-- the newest costs analysis of each model (paper Table 9): CE in nats per token
+SELECT c.model, c.condition, c.n_sets, c.n_features, c.ce_alpaca, c.ce_alpaca_std, c.n_alpaca,
+       c.ce_text, c.ce_text_std, c.n_text
+FROM costs c
+WHERE c.set_prompt_id IS NULL AND c.costs_id = (SELECT costs_id FROM costs b WHERE b.model = c.model
+                                                ORDER BY created_at DESC LIMIT 1)
+ORDER BY c.model, CASE c.condition WHEN 'baseline' THEN 0 WHEN 'direction_ablation' THEN 1 ELSE 2 END"""
+
+OVER_REFUSAL_SQL = """-- XSTest safe prompts judged refusal, per condition of the newest costs analysis of each model
+SELECT c.model, c.condition, c.n_sets, c.over_refusal, c.over_refusal_std, c.n_xstest, c.judge
+FROM costs c
+WHERE c.set_prompt_id IS NULL AND c.n_xstest IS NOT NULL
+  AND c.costs_id = (SELECT costs_id FROM costs b WHERE b.model = c.model ORDER BY created_at DESC LIMIT 1)
+ORDER BY c.model, CASE c.condition WHEN 'baseline' THEN 0 WHEN 'direction_ablation' THEN 1 ELSE 2 END"""
+
+CARD_FEATURES_SQL = """-- the features of the stage-2 and stage-3 sets, most frequent first
+SELECT layer, feature, count(DISTINCT prompt_id) AS n_prompts, min(stage) AS stage
+FROM feature_sets WHERE selected AND stage >= 2
+GROUP BY layer, feature ORDER BY n_prompts DESC, layer, feature"""
+
+
+def _tables(store: Store, frames: list[pl.DataFrame], sql: tuple[str, ...], captions: tuple[str, ...] = ()) -> list[Part]:
+    return [Table(f, captions[k] if k < len(captions) else "", sql[k]) for k, f in enumerate(frames)]
+
+
+def _render_runs(store, frames, sql, settings):
+    return _tables(store, frames, sql)
+
+
+def _render_cosine(store, frames, sql, settings):
+    df = frames[0].filter(pl.col("cos_harmful").is_not_null())
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for (model,), g in df.group_by(["model"], maintain_order=True):
+        for name, color in (("harmful", "tab:red"), ("benign", "tab:blue")):
+            x, mean, std = g["layer"].to_numpy(), g[f"cos_{name}"].to_numpy(), g[f"cos_{name}_std"].fill_null(0).to_numpy()
+            ax.plot(x, mean, color=color, label=f"{model} {name}")
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15)
+        best = g.filter(pl.col("selected"))["layer"]
+        if best.len():
+            ax.axvline(int(best[0]), color="gray", linestyle=":", label=f"{model} l* = {int(best[0])}")
+    ax.set(xlabel="layer", ylabel="cos(residual, r at l*)", title="Cosine with the refusal direction, last token")
+    ax.legend(fontsize=8)
+    cols = ["model", "layer", "selected", "cos_harmful", "cos_harmful_std", "cos_benign", "cos_benign_std"]
+    return [_figure(fig, "cosine by layer"), Table(df.select(cols), "mean ± std over val prompts", sql[0])]
+
+
+def _render_asr(store, frames, sql, settings):
+    df = frames[0].filter(pl.col("evaluated"))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for (model,), g in df.group_by(["model"], maintain_order=True):
+        ax.plot(g["layer"].to_numpy(), g["asr"].to_numpy(), marker="o", label=f"{model} ASR")
+        ax.plot(g["layer"].to_numpy(), g["asr_phrase"].to_numpy(), marker=".", linestyle="--", label=f"{model} ASR (phrase judge)")
+    ax.set(xlabel="layer of the direction", ylabel="attack success rate", ylim=(0, 1.02),
+           title="Directional ablation (every layer) of each layer's direction")
+    ax.legend(fontsize=8)
+    cols = ["model", "layer", "selected", "n_refused", "asr", "asr_phrase", "mean_p_i", "kl_harmless"]
+    return [_figure(fig, "ASR per layer"), Table(df.select(cols), "", sql[0])]
+
+
+def _render_stage1(store, frames, sql, settings):
+    by_k = frames[1]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for (cid,), g in by_k.filter(pl.col("k") > 0).group_by(["candidates_id"], maintain_order=True):
+        ax.plot(g["k"].to_numpy(), g["n_chosen"].cum_sum().to_numpy(), marker="o", label=cid)
+    ax.set(xlabel="K (top latents per layer)", ylabel="prompts jailbroken at <= K", title="Stage 1: candidate sets")
+    ax.legend(fontsize=8)
+    return [*_tables(store, frames[:1], sql[:1], ("per analysis",)), _figure(fig, "stage 1 by K"),
+            Table(by_k, "per K", sql[1])]
+
+
+def _render_stage3(store, frames, sql, settings):
+    asr = frames[1]
+    parts: list[Part] = [Table(frames[0], "fitted classifiers", sql[0])]
+    if asr.height:
+        fig, ax = plt.subplots(figsize=(7, 3.4))
+        for (sweep, ranker), g in asr.group_by(["sweep_id", "ranker"], maintain_order=True):
+            ax.plot(g["k"].to_numpy(), g["asr"].to_numpy(), marker="o" if g.height < 30 else None, label=f"{ranker} ({sweep})")
+        ax.set(xlabel="K (features added to the stage-2 set)", ylabel="ASR", ylim=(0, 1.02), title="Stage 3: FM vs linear probe")
+        ax.legend(fontsize=8)
+        parts.append(_figure(fig, "stage 3 ASR by K"))
+    return parts + [Table(asr, "ASR per K", sql[1])]
+
+
+def _render_costs(store, frames, sql, settings):
+    df = frames[0]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, corpus, title in ((axes[0], "alpaca", "Alpaca (instruction tokens)"), (axes[1], "text", "WikiText-2 eval")):
+        labels = [f"{m}\n{c}" if df["model"].n_unique() > 1 else c for m, c in zip(df["model"], df["condition"])]
+        ax.bar(range(df.height), df[f"ce_{corpus}"].fill_null(0).to_numpy(),
+               yerr=df[f"ce_{corpus}_std"].fill_null(0).to_numpy(), color="tab:gray", capsize=4)
+        ax.set_xticks(range(df.height), [lab.replace("_", "\n") for lab in labels], fontsize=7)
+        ax.set(title=title, ylabel="CE (nats / token)")
+    fig.tight_layout()
+    return [Table(df, "feature ablation: mean ± std over the per-prompt sets", sql[0]), _figure(fig, "CE loss")]
+
+
+def _render_taxonomy(store, frames, sql, settings):
+    mapping, per_category, multi = frames
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [2, 1]})
+    axes[0].barh(per_category["category"].to_list()[::-1], per_category["n_features"].to_list()[::-1], color="tab:purple")
+    axes[0].set(xlabel="features", title="Features per CoCoNot category")
+    axes[0].tick_params(axis="y", labelsize=7)
+    axes[1].bar(multi["n_categories"].cast(pl.String).to_list(), multi["n_features"].to_list(), color="tab:olive")
+    axes[1].set(xlabel="categories per feature", ylabel="features", title="Multi-category features")
+    fig.tight_layout()
+    shown = mapping.with_columns(pl.col("categories").list.join("; "))
+    return [_figure(fig, "taxonomy"), Table(per_category, "features per category", sql[1]),
+            Table(multi, "features by number of categories", sql[2]),
+            Table(shown, "each feature's categories (with its imported explanation)", sql[0], max_rows=40)]
+
+
+def _taxonomy_sql(store: Store) -> tuple[str, ...]:
+    has_sets = _has_rows(store, "feature_sets")
+    q = taxonomy.taxonomy_sql(taxonomy.TaxonomySettings(features="sets" if has_sets else "all"))
+    return q["mapping"], q["per_category"], q["multi_category"]
+
+
+def _render_cards(store: Store, frames: list[pl.DataFrame], sql: tuple[str, ...], settings: ReportSettings) -> list[Part]:
+    wanted = frames[0].head(settings.max_cards)
+    found = cards(store, [(int(l), int(f)) for l, f in wanted.select("layer", "feature").iter_rows()],
+                  CardSettings(n_contexts=settings.n_contexts))
+    parts: list[Part] = [Table(wanted, f"the {wanted.height} most frequent features of the sets", CARD_FEATURES_SQL)]
+    if not found:
+        parts.append(Note("none of these features fires in the store's unablated runs with SAE activations"))
+    return parts + [Card(c) for c in found]
+
+
+def _generic(store, frames, sql, settings):
+    return _tables(store, frames, sql)
+
+
+# The report's sections, in order: a new stage adds its entry here.
+SECTIONS: list[Section] = [
+    Section("Runs in the store", (RUNS_SQL,), _render_runs, ("runs",), "python cli.py extract"),
+    Section("Refusal direction: cosine by layer", (DIRECTION_SQL,), _render_cosine, ("directions",),
+            "python cli.py analyze direction", "Fig. 4/5"),
+    Section("Directional ablation: ASR per layer", (DIRECTION_SQL,), _render_asr, ("directions",),
+            "python cli.py analyze direction"),
+    Section("Stage 1: candidate sets (jailbreaks by K)", (STAGE1_SUMMARY_SQL, STAGE1_BY_K_SQL), _render_stage1,
+            ("candidate_sets",), "python cli.py analyze candidates"),
+    Section("Stage 2: pruned sets (jailbreaks by tau)", (STAGE2_BY_TAU_SQL, STAGE2_SELECTED_SQL), _generic,
+            ("feature_sets",), "python cli.py analyze prune"),
+    Section("Stage 3: FM vs linear probe", (FM_MODELS_SQL, STAGE3_ASR_SQL), _render_stage3, ("fm_models",),
+            "python cli.py analyze fm"),
+    Section("Redundancy: dormant features and where they switch on",
+            (REDUNDANCY_PROMPTS_SQL, REDUNDANCY_ABLATIONS_SQL, REDUNDANCY_SWITCH_ON_SQL), _generic,
+            ("redundancy_prompts",), "python cli.py analyze redundancy"),
+    Section("Clamping switched-on features at the first token", (CLAMPING_SQL,), _generic,
+            ("redundancy_clamping",), "python cli.py analyze redundancy"),
+    Section("Controls: random active features", (CONTROLS_SQL,), _generic, ("set_checks",),
+            "python cli.py analyze prune"),
+    Section("Controls: O'Brien et al. baseline (features active on >= k tokens)", (OBRIEN_SQL,), _generic,
+            ("controls",), "python cli.py analyze controls"),
+    Section("Costs: cross-entropy loss", (COSTS_SQL,), _render_costs, ("costs",), "python cli.py analyze costs",
+            "Table 9"),
+    Section("Over-refusal on XSTest safe prompts", (OVER_REFUSAL_SQL,), _generic, ("costs",),
+            "python cli.py analyze costs"),
+    Section("Taxonomy: features by CoCoNot category", _taxonomy_sql, _render_taxonomy, ("sae_acts",),
+            "python cli.py extract --dataset coconot --limit 0 (with SAEs), then python cli.py analyze taxonomy",
+            "Fig. 3"),
+    Section("Feature cards", (CARD_FEATURES_SQL,), _render_cards, ("feature_sets",),
+            "python cli.py analyze prune (cards show the features of the stage-2 and stage-3 sets)"),
+]
+
+
+# ---- writing: HTML ----------------------------------------------------------------------------
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .5em;
+text-align:left;vertical-align:top}th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
+pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}.notrun{color:#888;font-style:italic}
+.error{color:#a00}.paper{color:#666;font-size:.9em}.card{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;
+margin:.8em 0}.card h3{margin:.2em 0;font-size:1em}td.ctx{font-family:ui-monospace,monospace;white-space:pre-wrap}
+mark{background:#ffd54f;font-weight:bold}img{max-width:100%}nav li{margin:.1em 0}caption{text-align:left;color:#555}"""
+
+
+def to_html(title: str, stamp: str, rendered: list[Rendered]) -> str:
+    """The whole report as one HTML page: no external asset, images as data URIs."""
+    esc = html.escape
+    toc = "".join(f'<li><a href="#s{k}">{esc(r.title)}</a> <small>({esc(r.status)})</small></li>'
+                  for k, r in enumerate(rendered))
+    body = [f"<h1>{esc(title)}</h1><p>generated {esc(stamp)}</p><nav><ol>{toc}</ol></nav>"]
+    for k, r in enumerate(rendered):
+        body.append(f'<section id="s{k}"><h2>{esc(r.title)}</h2>')
+        if r.paper:
+            body.append(f'<p class="paper">paper: {esc(r.paper)}</p>')
+        if r.status == "not run":
+            body.append(f'<p class="notrun">not run yet: <code>{esc(r.command)}</code></p>')
+        for j, part in enumerate(r.parts):
+            body.append(_html_part(part, f"s{k}-{j}", r.status))
+        body.append("</section>")
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def _html_part(part: Part, anchor: str, status: str) -> str:
+    esc = html.escape
+    if isinstance(part, Note):
+        return f'<p class="{"error" if status == "error" else "note"}">{esc(part.text)}</p>'
+    if isinstance(part, Figure):
+        data = base64.b64encode(part.png).decode()
+        return f'<p><img alt="{esc(part.alt)}" src="data:image/png;base64,{data}"></p>'
+    if isinstance(part, Table):
+        return _html_table(part.frame, part.caption, part.sql, anchor, part.max_rows)
+    return _html_card(part.card, anchor)
+
+
+def _html_table(df: pl.DataFrame, caption: str, sql: str | None, anchor: str, max_rows: int) -> str:
+    esc = html.escape
+    link = f' <a href="#sql-{anchor}">SQL</a>' if sql else ""
+    head = "".join(f"<th>{esc(c)}</th>" for c in df.columns)
+    rows = []
+    for row in df.head(max_rows).iter_rows():
+        rows.append("<tr>" + "".join(f'<td class="n">{esc(_cell(v))}</td>' if _is_number(v) else f"<td>{esc(_cell(v))}</td>"
+                                     for v in row) + "</tr>")
+    more = f"<p><small>{df.height - max_rows} more rows not shown</small></p>" if df.height > max_rows else ""
+    cap = f"<caption>{esc(caption)}{link}</caption>" if caption or link else ""
+    details = (f'<details id="sql-{anchor}"><summary>SQL</summary><pre>{esc(sql)}</pre></details>' if sql else "")
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>{more}{details}"
+
+
+def _html_card(c: FeatureCard, anchor: str) -> str:
+    esc = html.escape
+    expl = f" &mdash; {esc(c.explanation)}" if c.explanation else ""
+    datasets = ", ".join(f"{esc(str(d))} {a}/{n}" for d, a, n in _dataset_totals(c).iter_rows())
+    rows = "".join(f'<tr><td class="n">{x.value:.3g}</td><td>{esc(x.dataset)}</td><td class="ctx">{esc(x.left)}'
+                   f"<mark>{esc(x.token)}</mark>{esc(x.right)}</td></tr>" for x in c.contexts)
+    sql = "".join(f"<details><summary>SQL: {esc(k)}</summary><pre>{esc(v)}</pre></details>" for k, v in c.sql.items())
+    return (f'<div class="card" id="card-{c.layer}-{c.feature}"><h3>feature {c.name}{expl}</h3>'
+            f"<p>density {c.density:.4f} ({c.n_active} of {c.n_rows} stored rows), {c.n_prompts} prompts, "
+            f"max {c.max_value:.3g}, mean {c.mean_value:.3g}; prompts per dataset: {datasets}</p>"
+            f"<table><thead><tr><th>activation</th><th>dataset</th><th>context</th></tr></thead><tbody>{rows}</tbody>"
+            f"</table>{sql}</div>")
+
+
+def _dataset_totals(c: FeatureCard) -> pl.DataFrame:
+    return c.datasets.group_by("dataset", maintain_order=True).agg(pl.col("n_active_prompts").sum(), pl.col("n_prompts").sum())
+
+
+# ---- writing: Markdown ------------------------------------------------------------------------
+
+def to_markdown(title: str, stamp: str, rendered: list[Rendered], files: Path) -> str:
+    """The report as Markdown; figures are written as PNG files under `files`."""
+    out = [f"# {title}", "", f"generated {stamp}", ""]
+    n_fig = 0
+    for r in rendered:
+        out += [f"## {r.title}", ""]
+        if r.paper:
+            out += [f"paper: {r.paper}", ""]
+        if r.status == "not run":
+            out += [f"*not run yet: `{r.command}`*", ""]
+        for part in r.parts:
+            if isinstance(part, Figure):
+                files.mkdir(parents=True, exist_ok=True)
+                n_fig += 1
+                (files / f"figure-{n_fig}.png").write_bytes(part.png)
+                out += [f"![{part.alt}]({files.name}/figure-{n_fig}.png)", ""]
+            elif isinstance(part, Note):
+                out += [part.text, ""]
+            elif isinstance(part, Table):
+                out += _md_table(part.frame, part.max_rows, part.caption) + _md_sql(part.sql)
+            else:
+                out += _md_card(part.card)
+    return "\n".join(out) + "\n"
+
+
+def _md_table(df: pl.DataFrame, max_rows: int, caption: str) -> list[str]:
+    def cell(v: Any) -> str:
+        return _cell(v).replace("|", "\\|").replace("\n", " ")
+    lines = [f"*{caption}*", ""] if caption else []
+    lines += ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.head(max_rows).iter_rows()]
+    if df.height > max_rows:
+        lines.append(f"\n{df.height - max_rows} more rows not shown")
+    return lines + [""]
+
+
+def _md_sql(sql: str | None) -> list[str]:
+    return ["<details><summary>SQL</summary>", "", "```sql", sql, "```", "", "</details>", ""] if sql else []
+
+
+def _md_card(c: FeatureCard) -> list[str]:
+    expl = f" — {c.explanation}" if c.explanation else ""
+    datasets = ", ".join(f"{d} {a}/{n}" for d, a, n in _dataset_totals(c).iter_rows())
+    lines = [f"### feature {c.name}{expl}", "",
+             f"density {c.density:.4f} ({c.n_active} of {c.n_rows} stored rows), {c.n_prompts} prompts, "
+             f"max {c.max_value:.3g}; prompts per dataset: {datasets}", "",
+             "| activation | dataset | context |", "|---|---|---|"]
+    for x in c.contexts:
+        text = f"{x.left}**{x.token}**{x.right}".replace("\n", "↵").replace("|", "\\|")
+        lines.append(f"| {x.value:.3g} | {x.dataset} | {text} |")
+    lines.append("")
+    for name, sql in c.sql.items():
+        lines += _md_sql(sql)
+    return lines
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    if isinstance(v, list):
+        return ", ".join(map(str, v))
+    return str(v)
+
+
+def _figure(fig, alt: str) -> Figure:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Figure(buf.getvalue(), alt)

@@ -1,0 +1,520 @@
+"""Stage 3, interaction discovery (paper section 3.3): FM over SAE activations, then the ablation sweep.
+
+1. Data: every latent at the last `n_last` tokens of AdvBench (1) and Alpaca (0) prompts, layers
+   2..l*, split as recorded in `prompts` (analyze/fm_data.py); missing activations are extracted.
+2. A factorization machine (analyze/fm.py) and a logistic-regression probe (analyze/probe.py) on
+   the same max-abs-scaled rows; FMs at the diagnostic embedding sizes too (mean pairwise cosine).
+3. Ranking, per prompt with a stage-2 set S: the candidates are the latents active on that prompt
+   (in the FM's layers and positions), minus S. FM score = MAX over s in S of cos(v_candidate, v_s):
+   a latent that interacts strongly with any one member of the minimal set is a candidate, where
+   the mean would let a large S dilute it (`aggregate="mean"` is available). Stage-2 latents that
+   are not FM columns (never active in training) cannot be compared and are skipped; a prompt none
+   of whose stage-2 latents is a column is left out of the sweep and counted. The probe ranks the
+   same candidates by |weight|.
+4. Sweep: for each K, one extraction run that zero-ablates S + top-K on every swept prompt, with a
+   greedy completion; each prompt is judged; ASR(K) = share judged jailbroken. K = 0 (S alone) is
+   the reference. A prompt's stage-3 set is its FM top-K at the smallest K that jailbreaks it.
+
+Judging: analyze/judges.py, `content` by default as in stages 1-2 (refusal phrase anywhere in the
+greedy completion -> refusal; compliance only when the completion takes the request up; else
+evasive); jailbroken = compliance. Verdicts are stored in `judgements`. `p_i@T` judges on P("I")
+alone and skips generation.
+
+Where things come from: the stage-2 sets are the selected `feature_sets` rows of a prune analysis
+(the newest for the model unless `prune_id`); l* is the selected layer of the direction behind it
+(prune -> candidates -> direction); the SAEs are the candidates analysis' SAEs, so the sweep ablates
+with the SAEs that found the stage-2 sets. The sweep is an `analyses` row of kind 'fm'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from analyze import fm as fm_mod
+from analyze import fm_data
+from analyze import probe as probe_mod
+from analyze.common import (Feature, Log, ablation, analysis_id, evaluate, latest_analysis, no_log, save_analysis,
+                            stored_prompts)
+from analyze.fm import FmFit, FmSettings
+from analyze.fm_data import FmData
+from analyze.judges import JUDGE_NAMES, get_judge, judge_run
+from analyze.probe import ProbeFit, ProbeSettings
+from extract.datasets import Prompt, load_prompts
+from extract.models import LoadedModel
+from extract.run import ExtractSettings, SaeRef, extract, make_items
+from store import Store, UsageError
+from store.store import code_version
+
+AGGREGATES = ("max", "mean")
+CANDIDATES = ("active", "all")
+
+
+@dataclass(frozen=True)
+class Stage3Settings:
+    prune_id: str | None = None           # whose stage-2 sets; None: the model's newest prune analysis
+    layers: tuple[int, ...] = ()          # FM input layers; () = min_layer..l*
+    min_layer: int = 2                    # paper: layers 2..l*
+    n_last: int = 4                       # last token positions summed per latent (paper: 4)
+    harmful: str = "advbench"             # label 1
+    benign: str = "alpaca"                # label 0
+    limit: int = 520                      # prompts per dataset (seeded; splits fixed per prompt)
+    seed: int = 0
+    min_train_prompts: int = 1            # a latent is an FM column when active on this many train prompts
+    saes: tuple[str, ...] = ()            # LAYER=SOURCE; () = the candidates analysis' SAEs, else the store's
+    fm: FmSettings = field(default_factory=FmSettings)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    diagnostic_embeddings: tuple[int, ...] = (5, 20, 50)
+    sweep: bool = True                    # False: fit, compare and diagnose only (no stage-2 sets needed)
+    ks: tuple[int, ...] = tuple(range(100, 2001, 100))
+    probe_ks: tuple[int, ...] = (100, 500, 1000, 2000)
+    aggregate: str = "max"                # FM score over the stage-2 set: max | mean of cosines
+    candidates: str = "active"            # active: latents active on the prompt; all: every FM column
+    judge: str = "content"
+    generate: int = 64                    # greedy completion length for the judge
+    batch_size: int = 16
+    max_prompts: int = 0                  # sweep at most this many stage-2 prompts (0 = all)
+
+    def __post_init__(self) -> None:
+        _check_ints(self.layers, "layers", low=0)
+        for name in ("n_last", "limit", "min_train_prompts", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.generate < 0 or self.max_prompts < 0 or self.min_layer < 0:
+            raise UsageError("generate, max_prompts and min_layer must be >= 0")
+        _check_ints(self.diagnostic_embeddings, "diagnostic embeddings", low=1)
+        _check_ints(self.ks, "ks", low=1)
+        _check_ints(self.probe_ks, "probe ks", low=1)
+        if self.sweep and not self.ks:
+            raise UsageError("the sweep needs at least one K")
+        for name, value, allowed in (("aggregate", self.aggregate, AGGREGATES),
+                                     ("candidates", self.candidates, CANDIDATES)):
+            if value not in allowed:
+                raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.judge.partition("@")[0] not in JUDGE_NAMES:
+            raise UsageError(f"unknown judge {self.judge!r}; use one of {', '.join(JUDGE_NAMES)}")
+        if self.generate == 0 and not self.judge.startswith("p_i"):
+            raise UsageError(f"judge {self.judge} reads completions: set generate > 0, or use a p_i@T judge")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Stage3Settings":
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UsageError(f"unknown stage-3 settings: {sorted(unknown)}")
+        parsed = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        if isinstance(parsed.get("fm"), dict):
+            parsed["fm"] = FmSettings.from_dict(parsed["fm"])
+        if isinstance(parsed.get("probe"), dict):
+            parsed["probe"] = ProbeSettings.from_dict(parsed["probe"])
+        return cls(**parsed)
+
+
+@dataclass(frozen=True, eq=False)
+class Stage3Result:
+    fm_model_id: str
+    probe_model_id: str
+    layers: tuple[int, ...]
+    n_features: int
+    n_prompts: dict[str, int]             # FM data prompts per split
+    fm_accuracy: dict[str, float]
+    probe_accuracy: dict[str, float]
+    probe_C: float
+    similarity: pl.DataFrame              # embedding, model_id, best_epoch, test_acc, mean_cosine
+    sweep_id: str | None = None           # the analyses row (kind 'fm') of the sweep
+    prune_id: str | None = None
+    judge: str | None = None
+    asr: pl.DataFrame | None = None       # ranker, k, n_prompts, n_jailbroken, asr, run_id
+    n_swept: int = 0                      # stage-2 prompts swept
+    n_skipped: int = 0                    # stage-2 prompts without any stage-2 latent among the FM columns
+    n_stage3_sets: int = 0
+
+
+def run(store: Store, model: LoadedModel, settings: Stage3Settings,
+        stage2: Mapping[str, Sequence[Feature]] | None = None, log: Log = no_log) -> Stage3Result:
+    """Fit FM and probe on the store's activations, diagnose, and (settings.sweep) run the ablation sweep.
+
+    `stage2` maps prompt_id -> its stage-2 (layer, feature) set; None reads a prune analysis' sets.
+    """
+    prune, cand = _lineage(store, model.name, settings, stage2 is not None)
+    if prune is not None:
+        stage2 = stage2_sets(store, prune["analysis_id"])
+    stage2 = dict(stage2 or {}) if settings.sweep else {}
+    layers = settings.layers or default_layers(store, model.name, cand, settings.min_layer)
+    saes = _sae_refs(store, model, settings, layers, stage2, cand)
+    fm_prompts = _fm_prompts(settings)
+    swept = stored_prompts(store, sorted(stage2)) if stage2 else []
+    prompts = list({p.prompt_id: p for p in fm_prompts + swept}.values())
+    fm_saes = [r for r in saes if r.layer in layers]
+    ensure_activations(store, model, prompts, fm_saes, settings, log)
+    data = fm_data.build(store, model.name, [p.prompt_id for p in prompts], {r.layer: r.sae_id for r in fm_saes},
+                         settings.n_last, settings.min_train_prompts)
+    data = data.scaled(data.column_scale())
+    train = data.rows(np.isin(np.array(data.prompt_ids), [p.prompt_id for p in fm_prompts]))
+    info = _data_info(model.name, fm_saes, settings, train)
+    log(f"FM data: {train.n_rows} prompts, {train.n_features} latents, {train.nnz} non-zeros")
+    fm_fit, fm_id = fit_fm(store, train, settings.fm, info)
+    probe_fit, probe_id = fit_probe(store, train, settings.probe, info)
+    similarity = _similarity(store, train, settings, info, (fm_fit, fm_id), log)
+    result = Stage3Result(fm_id, probe_id, tuple(layers), train.n_features,
+                          {s: int((train.split == s).sum()) for s in fm_data.SPLITS}, fm_fit.accuracy,
+                          probe_fit.accuracy, probe_fit.C, similarity,
+                          prune_id=prune["analysis_id"] if prune else None)
+    if not settings.sweep:
+        return result
+    return _sweep(store, model, saes, settings, data, swept, stage2, (fm_fit, fm_id), (probe_fit, probe_id),
+                  result, log)
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+def _lineage(store: Store, model: str, settings: Stage3Settings,
+             stage2_given: bool) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(prune analysis, its candidates analysis) when the stage-2 sets come from the store, else (None, None)."""
+    if not settings.sweep or stage2_given:
+        return None, None
+    prune = latest_analysis(store, "prune", model, settings.prune_id)
+    return prune, latest_analysis(store, "candidates", model, prune["parent_id"])
+
+
+def stage2_sets(store: Store, prune_id: str) -> dict[str, tuple[Feature, ...]]:
+    """prompt_id -> the prompt's selected stage-2 set of (layer, feature), from `feature_sets`."""
+    df = store.sql("SELECT prompt_id, layer, feature FROM feature_sets WHERE set_id = ? AND stage = 2 AND selected "
+                   "ORDER BY prompt_id, layer, feature", [prune_id])
+    if df.is_empty():
+        raise UsageError(f"prune analysis {prune_id} has no selected stage-2 sets; nothing to sweep "
+                         "(pass --no-sweep to fit and compare only)")
+    out: dict[str, list[Feature]] = {}
+    for prompt_id, layer, feature in df.iter_rows():
+        out.setdefault(prompt_id, []).append((int(layer), int(feature)))
+    return {p: tuple(f) for p, f in out.items()}
+
+
+def default_layers(store: Store, model: str, cand: dict[str, Any] | None, min_layer: int) -> tuple[int, ...]:
+    """min_layer..l*, l* the selected layer of the direction behind `cand` (else the model's newest direction)."""
+    from analyze.direction import load_direction
+
+    direction = latest_analysis(store, "direction", model, cand["parent_id"] if cand else None)
+    l_star = load_direction(store, direction["analysis_id"])[0]
+    if l_star < min_layer:
+        raise UsageError(f"l* = {l_star} is below the FM's first layer {min_layer}; pass --layers")
+    return tuple(range(min_layer, l_star + 1))
+
+
+def _fm_prompts(settings: Stage3Settings) -> list[Prompt]:
+    harmful = load_prompts(settings.harmful, settings.limit, settings.seed)
+    benign = load_prompts(settings.benign, settings.limit, settings.seed)
+    for prompts, name, label in ((harmful, settings.harmful, 1), (benign, settings.benign, 0)):
+        if any(p.label != label for p in prompts):
+            raise UsageError(f"the FM's {'harmful' if label else 'benign'} set {name} must be labelled {label} "
+                             "throughout (a user file: give every row that label)")
+    return harmful + benign
+
+
+def _sae_refs(store: Store, model: LoadedModel, settings: Stage3Settings, layers: Sequence[int],
+              stage2: Mapping[str, Sequence[Feature]], cand: dict[str, Any] | None) -> list[SaeRef]:
+    """SAEs at the FM layers and the stage-2 layers: explicit, else the candidates analysis', else the store's."""
+    from extract.pipeline import resolve_saes
+
+    specs = settings.saes or (tuple(cand["settings"].get("saes", ())) if cand else ())
+    needed = sorted(set(layers) | {layer for feats in stage2.values() for layer, _ in feats})
+    return resolve_saes(store, model, tuple(specs), ",".join(map(str, needed)))
+
+
+def ensure_activations(store: Store, model: LoadedModel, prompts: Sequence[Prompt], saes: Sequence[SaeRef],
+                       settings: Stage3Settings, log: Log = no_log) -> list[str]:
+    """Extract the (prompt, layer) activations that the store lacks, one run per missing group; run ids."""
+    absent = fm_data.missing(store, model.name, [p.prompt_id for p in prompts],
+                             {r.layer: r.sae_id for r in saes}, settings.n_last)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for layer, prompt_ids in absent.items():
+        groups.setdefault(prompt_ids, []).append(layer)
+    by_id = {p.prompt_id: p for p in prompts}
+    run_ids = []
+    for prompt_ids, layers in groups.items():
+        log(f"extracting {len(prompt_ids)} prompts at layers {layers} (last {settings.n_last} positions)")
+        items = make_items(model, [by_id[p] for p in prompt_ids])
+        refs = [r for r in saes if r.layer in layers]
+        es = ExtractSettings(positions=f"last:{settings.n_last}", batch_size=settings.batch_size)
+        run_ids.append(extract(store, model, items, refs, es).run_id)
+    return run_ids
+
+
+def _data_info(model: str, saes: Sequence[SaeRef], settings: Stage3Settings, data: FmData) -> dict[str, Any]:
+    return {"model": model, "layers": sorted(r.layer for r in saes), "sae_ids": {str(r.layer): r.sae_id for r in saes},
+            "n_last": settings.n_last, "datasets": [settings.harmful, settings.benign], "limit": settings.limit,
+            "seed": settings.seed, "min_train_prompts": settings.min_train_prompts, "scaling": "maxabs(train)",
+            "n_prompts": {s: int((data.split == s).sum()) for s in fm_data.SPLITS},
+            "n_features": data.n_features, "nnz": data.nnz, "data_hash": data.fingerprint()}
+
+
+# ---- fitting, cached in fm_models --------------------------------------------------------------
+
+def fit_fm(store: Store, data: FmData, settings: FmSettings, info: Mapping[str, Any]) -> tuple[FmFit, str]:
+    """The FM for (settings, data): loaded from `fm_models` when fitted before, else fitted and saved."""
+    stored_settings = {**asdict(settings), "device": str(settings.resolved_device())}
+    model_id = analysis_id("fm_model", info["model"], None, settings, {"settings": stored_settings, "data": info})
+    found = _load_row(store, model_id)
+    if found is not None:
+        row, tensors = found
+        metrics = json.loads(row["metrics"])
+        history = tuple(fm_mod.EpochStats(**h) for h in metrics["history"])
+        fit = FmFit(fm_mod.FactorizationMachine.from_tensors(tensors).eval(), settings, row["best_epoch"],
+                    history, metrics["accuracy"])
+        return fit, model_id
+    fit = fm_mod.fit(data, settings)
+    metrics = {"accuracy": fit.accuracy, "history": [asdict(h) for h in fit.history]}
+    _save_row(store, model_id, "fm", info, stored_settings, metrics, fit.accuracy,
+              {**fit.model.tensors(), **_columns(data)}, embedding=settings.embedding,
+              best_epoch=fit.best_epoch, mean_cosine=fit.mean_cosine)
+    return fit, model_id
+
+
+def fit_probe(store: Store, data: FmData, settings: ProbeSettings, info: Mapping[str, Any]) -> tuple[ProbeFit, str]:
+    """The probe for (settings, data): loaded from `fm_models` when fitted before, else fitted and saved."""
+    model_id = analysis_id("probe_model", info["model"], None, settings, {"data": info})
+    found = _load_row(store, model_id)
+    if found is not None:
+        row, tensors = found
+        metrics = json.loads(row["metrics"])
+        fit = ProbeFit(tensors["coef"].double().numpy(), float(tensors["intercept"][0]), metrics["C"],
+                       metrics["accuracy"], {float(c): a for c, a in metrics["val_acc_by_C"]})
+        return fit, model_id
+    fit = probe_mod.fit(data, settings)
+    metrics = {"accuracy": fit.accuracy, "C": fit.C, "val_acc_by_C": sorted(fit.val_acc_by_C.items())}
+    tensors = {"coef": torch.from_numpy(fit.coef), "intercept": torch.tensor([fit.intercept], dtype=torch.float64)}
+    _save_row(store, model_id, "probe", info, asdict(settings), metrics, fit.accuracy, {**tensors, **_columns(data)})
+    return fit, model_id
+
+
+def _similarity(store: Store, data: FmData, settings: Stage3Settings, info: Mapping[str, Any],
+                main: tuple[FmFit, str], log: Log) -> pl.DataFrame:
+    rows = []
+    for k in sorted(set(settings.diagnostic_embeddings) | {settings.fm.embedding}):
+        fit, model_id = main if k == settings.fm.embedding else fit_fm(store, data, replace(settings.fm, embedding=k), info)
+        log(f"FM k={k}: test acc {fit.accuracy['test']:.3f}, mean pairwise cosine {fit.mean_cosine:.3f}")
+        rows.append({"embedding": k, "model_id": model_id, "best_epoch": fit.best_epoch,
+                     "test_acc": fit.accuracy["test"], "mean_cosine": fit.mean_cosine})
+    return pl.DataFrame(rows)
+
+
+def _columns(data: FmData) -> dict[str, torch.Tensor]:
+    return {"layer": torch.from_numpy(data.layer), "feature": torch.from_numpy(data.feature)}
+
+
+def weights_path(store: Store, model_id: str) -> Path:
+    """Where a fitted model's safetensors file lives: <store>/models/<model_id>.safetensors."""
+    return store.path / "models" / f"{model_id}.safetensors"
+
+
+def _load_row(store: Store, model_id: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    df = store.sql("SELECT * FROM fm_models WHERE model_id = ?", [model_id])
+    if df.is_empty() or not (store.path / df["weights"][0]).exists():
+        return None
+    row = df.row(0, named=True)
+    return row, load_file(str(store.path / row["weights"]))
+
+
+def _save_row(store: Store, model_id: str, kind: str, info: Mapping[str, Any], settings: Mapping[str, Any],
+              metrics: Mapping[str, Any], accuracy: Mapping[str, float], tensors: dict[str, torch.Tensor],
+              embedding: int | None = None, best_epoch: int | None = None, mean_cosine: float | None = None) -> None:
+    path = weights_path(store, model_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)                                   # the row below never points at a partial file
+    with store.transaction() as con:
+        con.execute("DELETE FROM fm_models WHERE model_id = ?", [model_id])
+        con.execute("INSERT INTO fm_models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+            model_id, kind, info["model"], embedding, info["n_features"], accuracy["train"], accuracy["val"],
+            accuracy["test"], best_epoch, mean_cosine, json.dumps(settings), json.dumps(info), json.dumps(metrics),
+            str(path.relative_to(store.path)), datetime.now(timezone.utc).replace(tzinfo=None), code_version()])
+
+
+# ---- ranking -----------------------------------------------------------------------------------
+
+def rank_by_fm(V: torch.Tensor, seeds: np.ndarray, candidates: np.ndarray,
+               aggregate: str = "max") -> tuple[np.ndarray, np.ndarray]:
+    """Candidate columns by cosine of their FM embedding to the seed columns' (max or mean over seeds), best first.
+
+    Returns (columns, scores); ties keep the lower column id first.
+    """
+    if aggregate not in AGGREGATES:
+        raise UsageError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
+    u = F.normalize(V.detach().double(), dim=-1)                                   # [n_features, k]
+    sim = u[torch.from_numpy(candidates)] @ u[torch.from_numpy(seeds)].T           # [n_candidates, n_seeds]
+    score = (sim.max(-1).values if aggregate == "max" else sim.mean(-1)).numpy()
+    order = np.lexsort((candidates, -score))
+    return candidates[order], score[order]
+
+
+def rank_by_probe(coef: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate columns by |probe weight|, largest first (ties: lower column id first); (columns, scores)."""
+    score = np.abs(coef[candidates])
+    order = np.lexsort((candidates, -score))
+    return candidates[order], score[order]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    prompt: Prompt
+    stage2: tuple[Feature, ...]
+    ranked: dict[str, tuple[np.ndarray, np.ndarray]]       # ranker -> (columns, scores), best first
+
+
+def _plans(data: FmData, prompts: Sequence[Prompt], stage2: Mapping[str, Sequence[Feature]], V: torch.Tensor,
+           coef: np.ndarray, settings: Stage3Settings) -> list[_Plan]:
+    row_of = {p: i for i, p in enumerate(data.prompt_ids)}
+    depth = max((*settings.ks, *settings.probe_ks), default=0)
+    plans = []
+    for prompt in prompts:
+        layers, feats = zip(*stage2[prompt.prompt_id])
+        in_fm = data.columns(layers, feats)
+        seeds = in_fm[in_fm >= 0]
+        if not len(seeds):
+            continue
+        r = row_of[prompt.prompt_id]
+        pool = (data.indices[data.indptr[r]:data.indptr[r + 1]] if settings.candidates == "active"
+                else np.arange(data.n_features))
+        pool = np.setdiff1d(pool, seeds)
+        fm_cols, fm_scores = rank_by_fm(V, seeds, pool, settings.aggregate)
+        pr_cols, pr_scores = rank_by_probe(coef, pool)
+        plans.append(_Plan(prompt, tuple(stage2[prompt.prompt_id]),
+                           {"fm": (fm_cols[:depth], fm_scores[:depth]), "probe": (pr_cols[:depth], pr_scores[:depth])}))
+    return plans
+
+
+def top_k(plan: _Plan, ranker: str, k: int, data: FmData) -> list[Feature]:
+    """The first k latents of `ranker` for this prompt as (layer, feature) pairs."""
+    cols = plan.ranked[ranker][0][:k]
+    return list(zip(data.layer[cols].tolist(), data.feature[cols].tolist()))
+
+
+# ---- the sweep ---------------------------------------------------------------------------------
+
+def _sweep(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings: Stage3Settings, data: FmData,
+           swept: Sequence[Prompt], stage2: Mapping[str, Sequence[Feature]], fm_fit: tuple[FmFit, str],
+           probe_fit: tuple[ProbeFit, str], result: Stage3Result, log: Log) -> Stage3Result:
+    judge = get_judge(settings.judge)
+    swept = list(swept)[:settings.max_prompts or None]
+    plans = _plans(data, swept, stage2, fm_fit[0].model.V, probe_fit[0].coef, settings)
+    if not plans:
+        raise UsageError("none of the stage-2 prompts has a stage-2 latent among the FM's columns; "
+                         "check that the FM layers cover the stage-2 layers")
+    sweep_id = analysis_id("fm", model.name, result.prune_id, settings,
+                           {"fm": fm_fit[1], "probe": probe_fit[1], "judge": judge.judge_id,
+                            "stage2": {p.prompt.prompt_id: p.stage2 for p in plans}})
+    es = ExtractSettings(positions=f"last:{settings.n_last}", batch_size=settings.batch_size,
+                         generate=settings.generate if judge.needs_completion else 0)
+    steps = [("stage2", 0)] + [("fm", k) for k in settings.ks] + [("probe", k) for k in settings.probe_ks]
+    outcomes = []
+    for ranker, k in steps:
+        log(f"ablating stage-2 set + {ranker} top-{k} on {len(plans)} prompts")
+        sets = [list(p.stage2) + (top_k(p, ranker, k, data) if k else []) for p in plans]
+        done = evaluate(store, model, [p.prompt for p in plans], [ablation(s) for s in sets], saes, es)
+        verdicts = judge_run(store, done.run_id, judge)["verdict"].to_numpy()[done.items]
+        outcomes.append(pl.DataFrame({
+            "ranker": ranker, "k": k, "prompt_id": [p.prompt.prompt_id for p in plans],
+            "n_ablated": [len(set(s)) for s in sets], "run_id": done.run_id, "item": done.items, "p_i": done.p_i,
+            "verdict": verdicts, "jailbroken": verdicts == "compliance",
+        }, schema_overrides={"k": pl.Int32, "n_ablated": pl.Int32, "item": pl.Int32, "p_i": pl.Float32}))
+    table = pl.concat(outcomes)
+    asr = _asr(table)
+    stage3 = _stage3_sets(sweep_id, table, plans, data)
+    result = replace(result, sweep_id=sweep_id, judge=judge.judge_id, asr=asr, n_swept=len(plans),
+                     n_skipped=len(swept) - len(plans), n_stage3_sets=stage3["prompt_id"].n_unique())
+    metrics = {"fm_model_id": result.fm_model_id, "probe_model_id": result.probe_model_id,
+               "layers": list(result.layers), "fm_accuracy": result.fm_accuracy,
+               "probe_accuracy": result.probe_accuracy, "probe_C": result.probe_C,
+               "similarity": result.similarity.to_dicts(), "asr": asr.to_dicts(), "n_swept": result.n_swept,
+               "n_skipped": result.n_skipped, "n_stage3_sets": result.n_stage3_sets}
+    with_id = pl.lit(sweep_id).alias("sweep_id")
+    save_analysis(store, sweep_id, "fm", model.name, result.prune_id, judge.judge_id, settings, metrics, {
+        "stage3_rankings": ("sweep_id", _rankings_frame(plans, data).with_columns(with_id)),
+        "stage3_outcomes": ("sweep_id", table.with_columns(with_id)),
+        "stage3_asr": ("sweep_id", asr.with_columns(with_id)),
+        "feature_sets": ("set_id", stage3)})
+    return result
+
+
+def _asr(outcomes: pl.DataFrame) -> pl.DataFrame:
+    return (outcomes.group_by("ranker", "k", maintain_order=True)
+            .agg(pl.len().cast(pl.Int32).alias("n_prompts"),
+                 pl.col("jailbroken").sum().cast(pl.Int32).alias("n_jailbroken"),
+                 pl.col("jailbroken").mean().alias("asr"), pl.col("run_id").first()))
+
+
+def _stage3_sets(sweep_id: str, outcomes: pl.DataFrame, plans: Sequence[_Plan], data: FmData) -> pl.DataFrame:
+    """`feature_sets` rows: per prompt jailbroken by some FM K, its FM top-K at the smallest such K."""
+    first = (outcomes.filter((pl.col("ranker") == "fm") & pl.col("jailbroken"))
+             .group_by("prompt_id").agg(pl.col("k").min()))
+    by_prompt = {p.prompt.prompt_id: p for p in plans}
+    parts = [pl.DataFrame({"prompt_id": []}, schema={"prompt_id": pl.String})]
+    for prompt_id, k in first.sort("prompt_id").iter_rows():
+        cols, scores = by_prompt[prompt_id].ranked["fm"]
+        parts.append(pl.DataFrame({"prompt_id": prompt_id, "layer": data.layer[cols[:k]].astype(np.int16),
+                                   "feature": data.feature[cols[:k]].astype(np.int32),
+                                   "score": scores[:k].astype(np.float32)}))
+    return pl.concat(parts, how="diagonal").with_columns(
+        pl.lit(sweep_id).alias("set_id"), pl.lit(3, pl.Int8).alias("stage"), pl.lit(None, pl.Float32).alias("tau"),
+        pl.lit(True).alias("selected"))
+
+
+def _rankings_frame(plans: Sequence[_Plan], data: FmData) -> pl.DataFrame:
+    parts = []
+    for plan in plans:
+        for ranker, (cols, scores) in plan.ranked.items():
+            parts.append(pl.DataFrame({
+                "ranker": ranker, "prompt_id": plan.prompt.prompt_id,
+                "rank": np.arange(1, len(cols) + 1, dtype=np.int32), "layer": data.layer[cols].astype(np.int16),
+                "feature": data.feature[cols].astype(np.int32), "score": scores.astype(np.float32)}))
+    return pl.concat(parts)
+
+
+# ---- presenting --------------------------------------------------------------------------------
+
+def asr_table(asr: pl.DataFrame) -> pl.DataFrame:
+    """ASR side by side: k, stage2 (k = 0 only), fm, probe (null where that ranker was not run at k)."""
+    wide = asr.pivot(on="ranker", index="k", values="asr", aggregate_function="first").sort("k")
+    return wide.select("k", *[c for c in ("stage2", "fm", "probe") if c in wide.columns])
+
+
+def plot_asr(asr: pl.DataFrame, path: str | Path, title: str = "") -> Path:
+    """PNG of ASR per K: FM-ranked and probe-ranked latents ablated with the stage-2 set (dotted: the set alone)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for ranker, style in (("fm", "o-"), ("probe", "s--")):
+        part = asr.filter(pl.col("ranker") == ranker).sort("k")
+        if part.height:
+            ax.plot(part["k"].to_list(), part["asr"].to_list(), style, label=f"{ranker}-ranked top-K + stage 2")
+    base = asr.filter(pl.col("ranker") == "stage2")
+    if base.height:
+        ax.axhline(base["asr"][0], color="grey", linestyle=":", label="stage-2 set alone")
+    ax.set(xlabel="K (latents ablated on top of the stage-2 set)", ylabel="attack success rate", ylim=(-0.02, 1.02),
+           title=title or "Stage 3: ASR per K")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _check_ints(values: tuple[int, ...], name: str, low: int) -> None:
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < low for v in values):
+        raise UsageError(f"{name} must be integers >= {low}, got {list(values)}")
+    if list(values) != sorted(set(values)):
+        raise UsageError(f"{name} must be ascending and distinct, got {list(values)}")

@@ -1,0 +1,85 @@
+"""Stage 2 speed: lockstep batched evaluation vs one forward per evaluation, same work, one process.
+
+Takes the first --prompts prompts of a stage-1 (candidates) analysis in --store, cuts each pool to
+its first --pool-size features, and runs Algorithm 1 (8 taus x 3 seeds) three ways, each into a
+fresh scratch store so that nothing is a cache hit:
+  one-by-one  one forward per evaluation (batch 1, no dedupe): every (prompt, tau, seed) run alone
+  batched     one extraction run per step, --batch-size rows per forward, no dedupe
+  lockstep    as shipped: batched, and identical (prompt, set) rows of a step computed once
+All three should make the same decisions (the count that differ, from batch padding, is printed). Prints seconds, evaluations/s and the ratios.
+
+    flock /tmp/refusalscope-cpu.lock python bench/bench_prune.py --store /tmp/s5_store --prompts 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from analyze.common import ablation, evaluate, latest_analysis, load_saes, stored_prompts  # noqa: E402
+from analyze.prune import PruneSettings, _quiet, _stage1_sets, lockstep_prune  # noqa: E402
+from extract.models import load_model  # noqa: E402
+from store import Store  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", required=True, help="store holding a candidates analysis (stage 1)")
+    ap.add_argument("--model", default="qwen-coder-0.5b")
+    ap.add_argument("--candidates", default=None, help="candidates analysis id (default: the newest)")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--pool-size", type=int, default=30, help="features per pool (the first, in (layer, feature) order)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+
+    model = load_model(args.model, device=args.device)
+    source = Store.open(args.store)
+    cand = latest_analysis(source, "candidates", model.name, args.candidates)
+    chosen = source.sql("SELECT prompt_id FROM candidate_sets WHERE candidates_id = ? AND chosen ORDER BY prompt_id",
+                        [cand["analysis_id"]])["prompt_id"].to_list()[:args.prompts]
+    excluded = set(cand["settings"].get("exclude_layers", ()))
+    saes = [s for s in load_saes(source, model, cand["settings"].get("saes", ())) if s.layer not in excluded]
+    prompts = stored_prompts(source, chosen)
+    pools = [set(sorted(p)[:args.pool_size]) for p in _stage1_sets(source, cand["analysis_id"], prompts)]
+    settings = PruneSettings(batch_size=args.batch_size)
+
+    with tempfile.TemporaryDirectory(prefix="bench_prune_") as tmp:
+        scratch = Store.create(Path(tmp) / "p_full")
+        p_full = evaluate(scratch, model, prompts, [ablation(sorted(p)) for p in pools], saes,   # warm-up too
+                          _quiet(settings.batch_size, 0)).p_i
+        modes = {"one-by-one": replace(settings, batch_size=1, dedupe=False),
+                 "batched": replace(settings, dedupe=False), "lockstep": settings}
+        traces = {}
+        for name, mode in modes.items():
+            traces[name] = lockstep_prune(Store.create(Path(tmp) / name), model, saes, prompts, pools, p_full, mode)
+    decisions = {name: t.steps.select("prompt_id", "tau", "seed", "step", "decision") for name, t in traces.items()}
+    n_differ = sum(int((d["decision"] != decisions["lockstep"]["decision"]).sum()) for d in decisions.values())
+
+    base = traces["one-by-one"]
+    device = f"{model.device}, {torch.get_num_threads()} threads"
+    print(f"stage 2 on {model.name} ({device}): {len(prompts)} prompts x {len(settings.taus)} taus x "
+          f"{len(settings.seeds)} seeds, pools of {args.pool_size}, N={settings.block_size}, "
+          f"{base.n_steps} steps, {base.n_evaluations} evaluations; decisions that differ between modes: {n_differ}")
+    for name, trace in traces.items():
+        print(f"  {name:<11} {trace.seconds:8.1f} s  {trace.n_forward_items:6d} forward rows  "
+              f"{trace.n_evaluations / trace.seconds:6.1f} evaluations/s  "
+              f"{trace.seconds / len(prompts):6.1f} s per prompt  ratio {base.seconds / trace.seconds:5.2f}")
+    print(f"lockstep batched evaluation vs one forward per evaluation: "
+          f"{base.seconds:.1f} s -> {traces['lockstep'].seconds:.1f} s  ratio "
+          f"{base.seconds / traces['lockstep'].seconds:.2f} (batching alone {base.seconds / traces['batched'].seconds:.2f}, "
+          f"dedupe {traces['batched'].seconds / traces['lockstep'].seconds:.2f})")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
