@@ -127,6 +127,62 @@ def _csv_numbers(text: str, kind: type, what: str) -> tuple:
         raise UsageError(f"{what} must be a comma-separated list, got {text!r}") from None
 
 
+
+# ---- issue 4: the project's own SAEs ---------------------------------------------------------
+
+@sae_app.command("train")
+def sae_train(
+    model: str = ModelOpt,
+    layers: str = typer.Option("", "--layers", help="Layers to train (2-16, 3,7,12); default: 2 .. 2/3 of the depth."),
+    width: Optional[int] = typer.Option(None, "--width", help="Latents per SAE. [default: 4096]"),
+    k: Optional[int] = typer.Option(None, "--k", help="Active latents per token (TopK, BatchTopK). [default: 32]"),
+    architecture: Optional[str] = typer.Option(None, "--architecture", help="topk, batchtopk or jumprelu. [default: topk]"),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Training rows per layer. [default: 150000; --quick 24000]"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the training rows. [default: 2; --quick 1]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (cosine decay to lr/10). [default: 5e-4]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order and initialisation. [default: 0]"),
+    quick: bool = typer.Option(False, "--quick", help="The CI profile: fewer tokens, one epoch, fewer held-out windows."),
+    device: Optional[str] = DeviceOpt,
+    store: str = StoreOpt,
+) -> None:
+    """Train one SAE per layer on the store's residuals (sae-lens), measure FVU, L0, dead latents, spliced-in CE.
+
+    Activations come from cached extraction runs over WikiText-2 (train part) and the shipped
+    prompt sets' train split; position 0 and other massive-norm rows are excluded from training
+    and measured separately. Each SAE is saved in sae-lens's format under STORE/saes and registered
+    in `saes`, so later extractions and analyses use it by default. Rerunning reuses finished layers.
+
+    Example: python cli.py sae train --model qwen-coder-0.5b --quick --layers 2-16 --store stores/default
+    """
+    import time
+
+    from extract import sae_train as st
+    from extract.models import load_model
+    from extract.pipeline import parse_layers
+    from store import Store
+
+    with user_errors():
+        t0 = time.perf_counter()
+        the_store = Store.create(store)
+        _log(f"loading {model} ...")
+        loaded = load_model(model, device=device)
+        chosen = parse_layers(layers, loaded.n_layers) if layers else st.default_layers(loaded.n_layers)
+        settings = st.settings_with_profile(quick, layers=chosen, width=width, k=k, architecture=architecture,
+                                            tokens=tokens, epochs=epochs, lr=lr, seed=seed)
+        results = st.train_saes(the_store, loaded, settings, log=_log)
+    typer.echo(f"SAEs for {loaded.name} ({settings.architecture}, width {settings.width}, k {settings.k}, "
+               f"settings {settings.settings_hash()}), held-out WikiText-2, ordinary positions:")
+    typer.echo(f"{'layer':>5} {'FVU':>6} {'L0':>6} {'dead':>6} {'dCE':>7} {'dCE0':>7} {'ratio':>6} "
+               f"{'massive':>8} {'rows':>7}")
+    for r in results:
+        m = r.metrics
+        typer.echo(f"{r.layer:>5} {m['fvu']:>6.3f} {m['l0']:>6.1f} {m['dead_frac']:>6.1%} {m['ce_increase']:>7.3f} "
+                   f"{m['ce_zero_increase']:>7.3f} {m['ce_ratio']:>6.3f} {m['massive_rel_err']:>8.3f} "
+                   f"{m['n_train_rows']:>7}{'  (reused)' if r.reused else ''}")
+    typer.echo("dCE: loss increase with the reconstruction spliced in; dCE0: with zero-ablation; massive: "
+               "relative error on position-0 / massive-norm rows (excluded from training)")
+    typer.echo(f"done in {time.perf_counter() - t0:.0f} s; SAEs under {Path(store) / 'saes'}")
+
 @analyze_app.command("direction")
 def analyze_direction(
     model: str = ModelOpt,

@@ -31,7 +31,7 @@ import polars as pl
 
 from analyze.common import NO_SAE_ROWS, Feature, Log, ablation, no_log, split_prompts
 from analyze.judges import Judge, get_judge, judge_run
-from extract.datasets import Prompt, load_prompts, load_texts, prompt_id
+from extract.datasets import Prompt, load_prompts, prompt_id, text_windows
 from extract.interventions import Intervention
 from extract.models import LoadedModel
 from extract.run import ExtractSettings, SaeRef, extract, make_items
@@ -116,28 +116,6 @@ def run(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings: Cost
 
 
 # ---- inputs ------------------------------------------------------------------------------------
-
-def text_windows(tokenizer, n: int, window: int, seed: int) -> list[Prompt]:
-    """n windows of `window` tokens from WikiText-2's held-out articles, drawn with the seed, as prompts.
-
-    A window is the article's text between its first and last token (so re-tokenizing it gives
-    about `window` tokens); windows do not overlap and never cross an article boundary.
-    """
-    docs = load_texts("wikitext2", part="eval")
-    spans = []
-    for d, doc in enumerate(docs):
-        offsets = tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        spans += [(d, offsets[s][0], offsets[s + window - 1][1]) for s in range(0, len(offsets) - window + 1, window)]
-    if len(spans) < n:
-        raise UsageError(f"WikiText-2's eval part has {len(spans)} windows of {window} tokens; ask for at most that many")
-    picked = np.sort(np.random.default_rng(seed).choice(len(spans), size=n, replace=False))
-    prompts = []
-    for k in picked.tolist():
-        d, start, end = spans[k]
-        text = docs[d][start:end]
-        prompts.append(Prompt(prompt_id(TEXT_DATASET, text), TEXT_DATASET, k, "test", -1, None, text))
-    return prompts
-
 
 @dataclass(frozen=True)
 class _Samples:

@@ -240,6 +240,32 @@ def load_texts(corpus: str = "wikitext2", part: str = "train") -> list[str]:
     return [d for k, d in enumerate(docs) if (k % EVAL_EVERY == EVAL_EVERY - 1) == held_out]
 
 
+def text_windows(tokenizer, n: int, window: int, seed: int, part: str = "eval") -> list[Prompt]:
+    """n windows of `window` tokens from WikiText-2's `part` articles, drawn with the seed, as prompts.
+
+    A window is the article's text between its first and last token (so re-tokenizing it gives
+    about `window` tokens); windows do not overlap and never cross an article boundary. Dataset
+    "wikitext2-<part>", split "test" for the eval part and "train" for the train part.
+    """
+    if n < 0 or window < 2:
+        raise UsageError(f"need n >= 0 windows of >= 2 tokens, got n={n}, window={window}")
+    docs = load_texts("wikitext2", part=part)
+    spans = []
+    for d, doc in enumerate(docs):
+        offsets = tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        spans += [(d, offsets[s][0], offsets[s + window - 1][1]) for s in range(0, len(offsets) - window + 1, window)]
+    if len(spans) < n:
+        raise UsageError(f"WikiText-2's {part} part has {len(spans)} windows of {window} tokens; ask for at most that many")
+    dataset, split = f"wikitext2-{part}", ("test" if part == "eval" else "train")
+    picked = np.sort(np.random.default_rng(seed).choice(len(spans), size=n, replace=False))
+    prompts = []
+    for k in picked.tolist():
+        d, start, end = spans[k]
+        text = docs[d][start:end]
+        prompts.append(Prompt(prompt_id(dataset, text), dataset, k, split, -1, None, text))
+    return prompts
+
+
 def refusal_phrases() -> list[str]:
     """Return the refusal phrases of Arditi et al. (match lower-cased, as substrings)."""
     lines = (DATA_DIR / "refusal_phrases.txt").read_text(encoding="utf-8").splitlines()

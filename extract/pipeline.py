@@ -89,7 +89,9 @@ def trained_saes(store: Store, model: str) -> dict[int, str]:
     """layer -> directory of the store's own trained SAE for `model` (newest per layer)."""
     df = store.sql("SELECT layer, source FROM saes WHERE model = ? AND architecture <> 'external' "
                    "AND source NOT LIKE '%:%' ORDER BY created_at", [model])
-    return {int(layer): source for layer, source in df.iter_rows()}
+    # trained SAEs live inside the store and are registered relative to it
+    return {int(layer): source if Path(source).is_absolute() else str(store.path / source)
+            for layer, source in df.iter_rows()}
 
 
 def run_extract(req: ExtractRequest, log: Callable[[str], None]) -> str:

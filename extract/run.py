@@ -20,7 +20,7 @@ import torch
 
 from extract.chat import Chat, render_chat, render_raw
 from extract.datasets import Prompt
-from extract.hooks import captured, intervened
+from extract.hooks import captured, intervened, run_until
 from extract.interventions import Intervention
 from extract.models import LoadedModel
 from extract.saes import encode
@@ -39,9 +39,10 @@ class ExtractSettings:
     threshold: float = 0.0                # an SAE latent is stored when its value > threshold
     resid_dtype: str = "float32"          # float32 | float16
     loss: bool = False                    # items.ce_loss: mean next-token CE (nats) over user-role tokens
+    logits: bool = True                   # False: stop the forward after the last stored layer (no P("I"))
 
-    # fields added later are hashed into run ids only when set, so older runs keep their ids
-    _HASHED_WHEN_SET = ("loss",)
+    # fields added later are hashed into run ids only when not at their default, so older runs keep their ids
+    _HASHED_WHEN_SET = ("loss", "logits")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -51,6 +52,8 @@ class ExtractSettings:
         if self.resid_dtype not in ("float32", "float16"):
             raise UsageError(f"resid dtype must be float32 or float16, got {self.resid_dtype}")
         self.last_n                       # validates positions
+        if not self.logits and (self.generate or self.save_logits or self.loss):
+            raise UsageError("a run without logits cannot generate, save logits or measure loss")
 
     @property
     def last_n(self) -> int | None:
@@ -64,7 +67,8 @@ class ExtractSettings:
 
     def hashed(self) -> dict[str, Any]:
         """The settings as hashed into a run id."""
-        return {k: v for k, v in asdict(self).items() if k not in self._HASHED_WHEN_SET or v}
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in asdict(self).items() if k not in self._HASHED_WHEN_SET or v != defaults[k]}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ExtractSettings":
@@ -260,14 +264,22 @@ def _run_batch(model: LoadedModel, saes: Sequence[SaeRef], settings: ExtractSett
     sae_by_layer = {s.layer: s.sae for s in saes}
     want = sorted(set(settings.layers) | set(sae_by_layer))
     embed = model.model.get_input_embeddings()
-    with intervened(model.blocks, specs, sae_by_layer, embed, pad_offsets=pad), captured(model.blocks, want) as acts:
-        every = model.model(input_ids=ids, attention_mask=mask, logits_to_keep=0 if settings.loss else 1).logits
-    logits = every[:, -1].clone()                                     # [batch, vocab]; frees `every` below
-    ce = _ce_losses(every, items, batch, pad) if settings.loss else None
-    del every
-    probs = torch.softmax(logits.float(), dim=-1)                     # [batch, vocab]
-    p_i = probs[:, list(model.i_token_ids)].sum(-1).clamp(1e-12, 1 - 1e-7)
-    completions = _generate(model, ids, mask, specs, sae_by_layer, pad, settings.generate)
+    if not settings.logits:                                           # residuals only: stop after the last layer
+        with intervened(model.blocks, specs, sae_by_layer, embed, pad_offsets=pad), \
+                captured(model.blocks, want) as acts:
+            run_until(model.model, {"input_ids": ids, "attention_mask": mask}, model.blocks, max(want))
+        probs = p_i = None
+        ce = completions = None
+    else:
+        with intervened(model.blocks, specs, sae_by_layer, embed, pad_offsets=pad), \
+                captured(model.blocks, want) as acts:
+            every = model.model(input_ids=ids, attention_mask=mask, logits_to_keep=0 if settings.loss else 1).logits
+        logits = every[:, -1].clone()                                 # [batch, vocab]; frees `every` below
+        ce = _ce_losses(every, items, batch, pad) if settings.loss else None
+        del every
+        probs = torch.softmax(logits.float(), dim=-1)                 # [batch, vocab]
+        p_i = probs[:, list(model.i_token_ids)].sum(-1).clamp(1e-12, 1 - 1e-7)
+        completions = _generate(model, ids, mask, specs, sae_by_layer, pad, settings.generate)
 
     rows = [(b, row_start[i], _rows_of(len(items[i].chat.input_ids), settings.last_n)) for b, i in enumerate(batch)]
     first_row = int(rows[0][1])
@@ -370,7 +382,13 @@ def _ce_losses(logits: torch.Tensor, items, batch, pad: torch.Tensor) -> tuple[l
 def _items_rows(run_id, items, batch, row_start, rows, p_i, probs, completions, ce=None) -> pl.DataFrame:
     texts = completions[0] if completions else [None] * len(batch)
     ce_loss, n_loss_tokens = ce if ce is not None else ([None] * len(batch), [None] * len(batch))
-    p = p_i.cpu().double()
+    if p_i is None:                                   # a run without logits: NULL scores
+        p_i_col = refusal_col = top_col = [None] * len(batch)
+    else:
+        p = p_i.cpu().double()
+        p_i_col = p.float().numpy()
+        refusal_col = (torch.log(p) - torch.log1p(-p)).float().numpy()
+        top_col = probs.argmax(-1).cpu().numpy().astype(np.int32)
     return pl.DataFrame({
         "run_id": [run_id] * len(batch), "item": batch,
         "prompt_id": [items[i].prompt.prompt_id for i in batch],
@@ -378,9 +396,7 @@ def _items_rows(run_id, items, batch, row_start, rows, p_i, probs, completions, 
         "row_start": [int(row_start[i]) for i in batch],
         "n_rows": [len(pos) for _, _, pos in rows],
         "n_tokens": [len(items[i].chat.input_ids) for i in batch],
-        "p_i": p.float().numpy(),
-        "refusal_score": (torch.log(p) - torch.log1p(-p)).float().numpy(),
-        "top_token_id": probs.argmax(-1).cpu().numpy().astype(np.int32),
+        "p_i": p_i_col, "refusal_score": refusal_col, "top_token_id": top_col,
         "completion": texts, "ce_loss": ce_loss, "n_loss_tokens": n_loss_tokens,
     }, schema={"run_id": pl.String, "item": pl.Int32, "prompt_id": pl.String, "spec_hash": pl.String,
                "row_start": pl.Int32, "n_rows": pl.Int32, "n_tokens": pl.Int32, "p_i": pl.Float32,
