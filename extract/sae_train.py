@@ -60,11 +60,11 @@ class TrainSettings:
     width: int = 4096
     k: int = 32
     architecture: str = "topk"
-    tokens: int = 150_000            # training rows collected per layer (text windows + chat prompts)
+    tokens: int = 100_000            # training rows collected per layer (text windows + chat prompts)
     chat_share: float = 0.25         # share of those rows taken from chat prompts
     epochs: float = 2.0              # passes over the training rows
-    batch_size: int = 1024
-    lr: float = 5e-4
+    batch_size: int = 512
+    lr: float = 3e-3
     window: int = 128                # tokens per WikiText-2 window
     eval_windows: int = 48           # held-out windows for FVU / L0 / massive rows
     ce_windows: int = 8              # held-out windows for the spliced-in loss
