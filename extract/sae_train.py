@@ -273,13 +273,13 @@ def firing_counts(sae, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
 
 @torch.no_grad()
 def spliced_losses(model: LoadedModel, sae, layer: int, windows: Sequence[Sequence[int]], massive_norm: float,
-                   batch_size: int = 4) -> dict[str, float]:
+                   batch_size: int = 4, modes: Sequence[str] = ("clean", "spliced", "zero")) -> dict[str, float]:
     """Mean next-token CE (nats) on windows: clean, SAE reconstruction spliced in, zero-ablated.
 
     Spliced/zeroed at every position of layer `layer` except position 0 and rows whose norm exceeds
     `massive_norm` (the massive activations, which the SAE was not trained on).
     """
-    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    totals = {mode: 0.0 for mode in modes}
     n = 0
     for i in range(0, len(windows), batch_size):
         ids = torch.tensor(windows[i:i + batch_size], device=model.device)
@@ -315,11 +315,12 @@ def _splice_hook(sae, mode: str, massive_norm: float):
 
 
 def quality(model: LoadedModel, sae, data: LayerData, layer: int, ce_ids: Sequence[Sequence[int]],
-            ratio: float) -> dict:
+            ratio: float, ce_clean: float | None = None) -> dict:
     x_hat, l0 = reconstruct(sae, data.eval)
     m_hat, _ = reconstruct(sae, data.massive)
     counts = firing_counts(sae, data.train)
-    losses = spliced_losses(model, sae, layer, ce_ids, ratio * data.median_norm)
+    modes = ("spliced", "zero") if ce_clean is not None else ("clean", "spliced", "zero")
+    losses = {"clean": ce_clean, **spliced_losses(model, sae, layer, ce_ids, ratio * data.median_norm, modes=modes)}
     massive_err = (float(((data.massive - m_hat) ** 2).sum() / (data.massive ** 2).sum())
                    if len(data.massive) else float("nan"))
     d_spliced, d_zero = losses["spliced"] - losses["clean"], losses["zero"] - losses["clean"]
@@ -374,8 +375,9 @@ def train_saes(store: Store, model: LoadedModel, settings: TrainSettings,
                   for p in evals[:settings.ce_windows]]
         ce_len = min(len(ids) for ids in ce_ids)
         ce_ids = [ids[:ce_len] for ids in ce_ids]
+        ce_clean = spliced_losses(model, None, 0, ce_ids, 0.0, modes=("clean",))["clean"]   # once for all layers
         for layer in todo:
-            results[layer] = _train_one(store, model, settings, layer, runs, ce_ids)
+            results[layer] = _train_one(store, model, settings, layer, runs, ce_ids, ce_clean)
             m = results[layer].metrics
             log(f"layer {layer}: FVU {m['fvu']:.3f}  L0 {m['l0']:.1f}  dead {m['dead_frac']:.1%}  "
                 f"CE +{m['ce_increase']:.3f} (zero-abl. +{m['ce_zero_increase']:.3f})  {m['train_seconds']:.0f} s")
@@ -388,13 +390,13 @@ def train_saes(store: Store, model: LoadedModel, settings: TrainSettings,
 
 
 def _train_one(store: Store, model: LoadedModel, settings: TrainSettings, layer: int,
-               runs: dict[str, str], ce_ids) -> LayerResult:
+               runs: dict[str, str], ce_ids, ce_clean: float | None = None) -> LayerResult:
     data = layer_data(store, runs, layer, settings.massive_ratio)
     if len(data.train) < 2:
         raise UsageError(f"layer {layer}: only {len(data.train)} training rows; raise --tokens")
     t0 = time.perf_counter()
     sae, stats = train_layer(data.train, settings, layer, device=model.device)
-    metrics = {**quality(model, sae, data, layer, ce_ids, settings.massive_ratio), **stats,
+    metrics = {**quality(model, sae, data, layer, ce_ids, settings.massive_ratio, ce_clean), **stats,
                "seconds": time.perf_counter() - t0, "runs": runs}
     rel = sae_dir(store, model.name, settings, layer)
     sae.save_inference_model(store.path / rel)

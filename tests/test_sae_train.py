@@ -120,3 +120,26 @@ def test_cli_trains_registers_and_extraction_uses_the_saes(tmp_path, tiny_model_
     assert acts == [1, 2]
     assert model.n_layers == 3
 
+
+
+def _exact_sae(d: int) -> TopKSAE:
+    sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=2 * d, k=d, rescale_acts_by_decoder_norm=False))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae.eval()
+
+
+def test_spliced_loss_of_an_exact_sae_is_the_clean_loss(tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs("qwen2")))
+    windows = [list(range(5, 25)), list(range(30, 50))]
+    ids = torch.tensor(windows)
+    logits = model.model(input_ids=ids).logits
+    direct = float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))
+    losses = st.spliced_losses(model, _exact_sae(model.d_model), 1, windows, massive_norm=1e9)
+    assert abs(losses["clean"] - direct) < 1e-5
+    assert abs(losses["spliced"] - losses["clean"]) < 1e-4
+    assert abs(losses["zero"] - losses["clean"]) > 1e-3             # zeroing layer 1 does change the loss
