@@ -458,6 +458,49 @@ def _print_frame(df) -> None:
         typer.echo(str(df))
 
 
+@analyze_app.command("controls")
+def analyze_controls(
+    model: str = ModelOpt,
+    prune_id: Optional[str] = typer.Option(None, "--prune", help="Prune analysis whose prompts and SAEs are used (default: the newest)."),
+    ks: str = typer.Option("1,2,3,4,5,8", "--ks", help="Ablate the features active on >= k of a prompt's tokens, for each k."),
+    roles: str = typer.Option("user,post_instruction", "--roles", help="Token roles counted (first, template, user, post_instruction)."),
+    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="At most N stage-2 prompts (by prompt id)."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Judge (content, phrase, p_i[@T], ...); default: the prune analysis' judge."),
+    generate: Optional[int] = typer.Option(None, "--generate", help="Completion tokens; default: the prune analysis' value."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Rows per forward pass."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    store: str = StoreOpt,
+) -> None:
+    """O'Brien et al. baseline: ablate every SAE feature active on >= k prompt tokens; ASR per k beside the random control.
+
+    Example: python cli.py analyze controls --ks 1,2,3,4,5,8 --store stores/default
+    """
+    from analyze import controls
+    from store import Store
+
+    with user_errors():
+        the_store = Store.open(store, read_only=False)
+        settings = controls.ControlsSettings(
+            prune_id=prune_id, ks=_csv_numbers(ks, int, "--ks"), roles=_csv_numbers(roles, str, "--roles"),
+            max_prompts=max_prompts, judge=judge, generate=generate, batch_size=batch_size)
+        loaded = _analysis_model(model, device, dtype)
+        result = controls.run(the_store, loaded, settings, log=_log)
+    s = result.summary
+    typer.echo(f"controls {result.controls_id} (prune {result.prune_id}, judge {result.judge}): {s['n_prompts']} "
+               f"stage-2 prompts, {s['n_refused']} refused without intervention (the ASR denominator)")
+    typer.echo(f"O'Brien et al.: features active on >= k {'+'.join(s['roles'])} tokens, zero-ablated together")
+    typer.echo(f"{'k':>4} {'features':>9} {'ASR':>5}")
+    for row in s["per_k"]:
+        typer.echo(f"{row['k']:>4} {_fmt(row['mean_features'], '.1f'):>9} {_fmt(row['asr']):>5}  "
+                   f"({row['n_jailbroken']}/{row['n_prompts']})")
+    for kind, what in (("stage2", "stage-2 selected sets"), ("random", "random control (as many active features)")):
+        c = s[kind]
+        typer.echo(f"{what}: " + (f"ASR {_fmt(c['asr'])} ({c['n_jailbroken']}/{c['n_prompts']}), "
+                                  f"{_fmt(c['mean_features'], '.1f')} features per prompt" if c else
+                                  "no rows in set_checks"))
+
+
 @analyze_app.command("costs")
 def analyze_costs(
     model: str = ModelOpt,
@@ -577,6 +620,45 @@ def report(
             typer.echo(f"  {status}: {title}")
     typer.echo(f"report: {result.html}\nmarkdown: {result.markdown}")
 
+
+@app.command("run")
+def run_job(
+    model: str = ModelOpt,
+    quick: bool = typer.Option(False, "--quick", help="The quick profile (small numbers, aimed at under 15 minutes on 2 CPU cores) "
+                                                     "instead of the paper's parameters."),
+    settings_file: Optional[Path] = typer.Option(None, "--settings", help="Pipeline settings as JSON (a custom profile) "
+                                                 "instead of --quick or the default."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report directory (default: STORE/report)."),
+    start: Optional[str] = typer.Option(None, "--from", help="Rerun from this stage on, even where done: saes, direction, "
+                                        "candidates, prune, fm, redundancy, controls, costs, taxonomy, report."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run this stage alone (the stages before it must be done)."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    store: str = StoreOpt,
+) -> None:
+    """The main job: SAEs, refusal direction, stages 1-3, redundancy, controls, costs, taxonomy, report; resumable.
+
+    Example: python cli.py run --quick --model qwen-coder-0.5b --store stores/default
+    """
+    from dataclasses import replace
+
+    from analyze import pipeline
+    from store import Store
+
+    with user_errors():
+        if quick and settings_file:
+            raise UsageError("give --quick or --settings, not both")
+        pipeline.check_stage_options(start, only)
+        the_store = Store.create(store)
+        loaded = _analysis_model(model, device, dtype)
+        if settings_file:
+            settings = pipeline.load_settings(settings_file)
+            settings = replace(settings, report=replace(settings.report, out=str(out))) if out else settings
+        else:
+            settings = pipeline.profile("quick" if quick else "default", loaded, out=out)
+        result = pipeline.run(the_store, loaded, settings, log=_log, on_stage=typer.echo, start=start, only=only)
+    if result.report is not None:
+        typer.echo(f"report: {result.report}\nmarkdown: {result.markdown}")
 
 
 if __name__ == "__main__":

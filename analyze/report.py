@@ -207,7 +207,17 @@ SELECT set_id, stage, kind, count(*) AS n_prompts, sum(jailbroken::INT) AS n_jai
        avg(jailbroken::INT) AS asr, avg(n_features) AS mean_n_features
 FROM set_checks WHERE selected GROUP BY set_id, stage, kind ORDER BY set_id, stage, kind"""
 
-OBRIEN_SQL = "SELECT * FROM controls"
+OBRIEN_SQL = """-- O'Brien et al.: ablating every SAE feature active on >= k of a prompt's tokens, ASR per k over the
+-- prompts refused without intervention; stage2 / random: the prune analysis' selected sets and their random control
+SELECT a.model, c.controls_id, a.parent_id AS prune_id, c.kind, c.k, c.n_prompts, c.n_jailbroken, c.asr, c.mean_features
+FROM control_asr c JOIN analyses a ON a.analysis_id = c.controls_id
+ORDER BY a.created_at, c.controls_id, CASE c.kind WHEN 'obrien' THEN 0 WHEN 'stage2' THEN 1 ELSE 2 END, c.k"""
+
+OBRIEN_PROMPTS_SQL = """-- features ablated per prompt at each k (the O'Brien sets), and how many prompts each k jailbreaks
+SELECT controls_id, k, count(*) AS n_prompts, sum(refused_clean::INT) AS n_refused_clean,
+       sum((jailbroken AND refused_clean)::INT) AS n_jailbroken, min(n_features) AS min_features,
+       median(n_features) AS median_features, max(n_features) AS max_features
+FROM control_results WHERE kind = 'obrien' GROUP BY controls_id, k ORDER BY controls_id, k"""
 
 COSTS_SQL = """-- the newest costs analysis of each model (paper Table 9): CE in nats per token
 SELECT c.model, c.condition, c.n_sets, c.n_features, c.ce_alpaca, c.ce_alpaca_std, c.n_alpaca,
@@ -292,6 +302,25 @@ def _render_stage3(store, frames, sql, settings):
     return parts + [Table(asr, "ASR per K", sql[1])]
 
 
+def _render_obrien(store, frames, sql, settings):
+    df = frames[0]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for k, ((cid,), g) in enumerate(df.group_by(["controls_id"], maintain_order=True)):
+        color = f"C{k}"
+        curve = g.filter(pl.col("kind") == "obrien")
+        ax.plot(curve["k"].to_numpy(), curve["asr"].to_numpy(), marker="o", color=color, label=f"O'Brien ({cid})")
+        for kind, style in (("stage2", "-."), ("random", ":")):
+            level = g.filter(pl.col("kind") == kind)["asr"]
+            if level.len() and level[0] is not None:
+                ax.axhline(level[0], color=color, linestyle=style, label=f"{kind} ({cid})")
+    ax.set(xlabel="k (features active on >= k prompt tokens ablated)", ylabel="ASR", ylim=(-0.02, 1.02),
+           title="Controls: O'Brien et al. baseline vs stage-2 sets and random features")
+    ax.legend(fontsize=8)
+    return [_figure(fig, "O'Brien ASR by k"), Table(df, "ASR per k, beside the stage-2 sets and their random control",
+                                                    sql[0]),
+            Table(frames[1], "features ablated per prompt", sql[1])]
+
+
 def _render_costs(store, frames, sql, settings):
     df = frames[0]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
@@ -360,8 +389,8 @@ SECTIONS: list[Section] = [
             ("redundancy_clamping",), "python cli.py analyze redundancy"),
     Section("Controls: random active features", (CONTROLS_SQL,), _generic, ("set_checks",),
             "python cli.py analyze prune"),
-    Section("Controls: O'Brien et al. baseline (features active on >= k tokens)", (OBRIEN_SQL,), _generic,
-            ("controls",), "python cli.py analyze controls"),
+    Section("Controls: O'Brien et al. baseline (features active on >= k tokens)", (OBRIEN_SQL, OBRIEN_PROMPTS_SQL),
+            _render_obrien, ("control_asr",), "python cli.py analyze controls"),
     Section("Costs: cross-entropy loss", (COSTS_SQL,), _render_costs, ("costs",), "python cli.py analyze costs",
             "Table 9"),
     Section("Over-refusal on XSTest safe prompts", (OVER_REFUSAL_SQL,), _generic, ("costs",),

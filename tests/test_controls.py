@@ -1,0 +1,188 @@
+"""Controls on the planted model: O'Brien et al. sets match a dense count, ASR per k follows the planted latents.
+
+The planted latents (layer 2) fire on every token from a prompt's first trigger word on, 16-19 of its
+user + post_instruction tokens; the other latents fire on at most 12. So ablating the features active on
+>= k tokens jailbreaks a prompt exactly when k <= the planted latents' token count there: ASR 1 at
+small k, 0 at large k, and in between the share that the dense count predicts.
+"""
+
+import json
+from dataclasses import asdict
+
+import polars as pl
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from analyze import candidates, controls, direction, prune, report
+from analyze.controls import ControlsSettings
+from analyze.prune import PruneSettings
+from cli import app
+from extract.interventions import Intervention
+from extract.models import load_model
+from queries.tensors import sae_codes
+from store import Store, UsageError
+from tests.planted import (D_SAE, PLANTED_FEATURES, PLANTED_LAYER, SAE_LAYERS, build_planted, candidate_settings,
+                           direction_settings)
+
+KS = (1, 2, 3, 4, 5, 8, 12, 16, 17, 18, 20, 64)
+PROMPT_ROLES = ("user", "post_instruction")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return build_planted(tmp_path_factory.mktemp("planted"))
+
+
+@pytest.fixture(scope="module")
+def stage2(planted, tmp_path_factory):
+    """A store with direction, candidates and a small prune analysis (judged on P("I")), and the run ids it holds."""
+    store = Store.create(tmp_path_factory.mktemp("store") / "s")
+    model = load_model(str(planted.model_dir))
+    direction.run(store, model, direction_settings(planted))
+    candidates.run(store, model, candidate_settings(planted))
+    pruned = prune.run(store, model, PruneSettings(judge="p_i", taus=(0.5,), seeds=(0,)))
+    return store, model, pruned, set(store.sql("SELECT run_id FROM runs")["run_id"])
+
+
+@pytest.fixture(scope="module")
+def result(stage2):
+    store, model, _, _ = stage2
+    return controls.run(store, model, ControlsSettings(ks=KS))
+
+
+def dense_token_counts(store, run_id: str, roles) -> dict[str, torch.Tensor]:
+    """prompt_id -> [n_layers, d_sae] tokens of `roles` where each latent is > 0, from dense codes."""
+    rows = store.sql("SELECT run_id, row, prompt_id, role FROM tokens WHERE run_id = ? ORDER BY row", [run_id])
+    codes = torch.stack([sae_codes(store, rows, layer, D_SAE) for layer in SAE_LAYERS])   # [n_layers, n_rows, d_sae]
+    out = {}
+    for prompt_id in rows["prompt_id"].unique():
+        mask = torch.from_numpy(((rows["prompt_id"] == prompt_id) & rows["role"].is_in(list(roles))).to_numpy())
+        out[prompt_id] = (codes[:, mask] > 0).sum(dim=1)                                  # [n_layers, d_sae]
+    return out
+
+
+def oracle_set(counts: torch.Tensor, k: int) -> set[tuple[int, int]]:
+    layer_idx, feature = torch.nonzero(counts >= k, as_tuple=True)
+    return {(SAE_LAYERS[i], int(f)) for i, f in zip(layer_idx.tolist(), feature.tolist())}
+
+
+def ablated_sets(store, run_id: str) -> dict[int, set[tuple[int, int]]]:
+    """item -> the (layer, feature) pairs its intervention spec zero-ablates."""
+    df = store.sql("SELECT i.item, s.spec FROM items i JOIN interventions s USING (spec_hash) WHERE i.run_id = ?", [run_id])
+    out = {}
+    for item, spec in df.iter_rows():
+        parsed = Intervention.from_dict(json.loads(spec))
+        out[item] = {(layer, f) for layer, fs in parsed.zero_ablate.items() for f in fs}
+    return out
+
+
+def test_counts_and_ablated_sets_match_a_dense_count_of_the_prompt_tokens(stage2, result):
+    store = stage2[0]
+    counts = dense_token_counts(store, result.activation_run_id, PROMPT_ROLES)
+    rows = store.sql("SELECT * FROM control_results WHERE controls_id = ? AND kind = 'obrien'", [result.controls_id])
+    assert rows.height == len(KS) * 4
+    for k in KS:
+        at_k = rows.filter(pl.col("k") == k)
+        specs = ablated_sets(store, at_k["run_id"][0])
+        for prompt_id, n_features, item in at_k.select("prompt_id", "n_features", "item").iter_rows():
+            expected = oracle_set(counts[prompt_id], k)
+            assert n_features == len(expected), (k, prompt_id)
+            assert specs[item] == expected, (k, prompt_id)
+    assert rows.filter(pl.col("k") == 1)["n_features"].min() > rows.filter(pl.col("k") == 8)["n_features"].max() > 3
+    # the template tokens before the instruction are not counted, and counting them would change the sets
+    everything = dense_token_counts(store, result.activation_run_id, ("first", "template", *PROMPT_ROLES))
+    assert any(oracle_set(everything[p], k) != oracle_set(counts[p], k) for p in counts for k in KS)
+
+
+def test_asr_per_k_follows_the_planted_latents(stage2, result):
+    store = stage2[0]
+    counts = dense_token_counts(store, result.activation_run_id, PROMPT_ROLES)
+    planted_tokens = {p: int(c[SAE_LAYERS.index(PLANTED_LAYER), list(PLANTED_FEATURES)].min()) for p, c in counts.items()}
+    others = {p: int(c.flatten().sort().values[-len(PLANTED_FEATURES) - 1]) for p, c in counts.items()}
+    assert all(planted_tokens[p] > max(8, others[p]) for p in counts)     # the most frequent latents on every prompt
+    asr = store.sql("SELECT * FROM control_asr WHERE controls_id = ? AND kind = 'obrien' ORDER BY k", [result.controls_id])
+    assert asr["k"].to_list() == list(KS) and asr["n_prompts"].to_list() == [4] * len(KS)
+    expected = [sum(n >= k for n in planted_tokens.values()) for k in KS]
+    assert asr["n_jailbroken"].to_list() == expected
+    assert asr["asr"].to_list() == pytest.approx([n / 4 for n in expected])
+    assert expected[:KS.index(8) + 1] == [4] * (KS.index(8) + 1) and expected[-2:] == [0, 0]
+    assert any(0 < n < 4 for n in expected)                               # prompts differ in where they flip
+    per_prompt = store.sql("SELECT prompt_id, k, jailbroken FROM control_results WHERE controls_id = ? "
+                           "AND kind = 'obrien'", [result.controls_id])
+    for prompt_id, k, jailbroken in per_prompt.iter_rows():
+        assert jailbroken == (k <= planted_tokens[prompt_id]), (prompt_id, k)
+    clean = store.sql("SELECT * FROM control_results WHERE controls_id = ? AND kind = 'clean'", [result.controls_id])
+    assert clean["refused_clean"].all() and not clean["jailbroken"].any() and (clean["n_features"] == 0).all()
+    assert result.summary["n_refused"] == 4 and result.summary["max_asr"] == 1.0
+
+
+def test_random_control_is_read_from_set_checks(stage2, result):
+    store, _, pruned, _ = stage2
+    checks = store.sql("SELECT * FROM set_checks WHERE set_id = ? AND selected", [pruned.prune_id])
+    for kind, name in (("random", "random"), ("set", "stage2")):
+        mine = store.sql("SELECT * FROM control_asr WHERE controls_id = ? AND kind = ?", [result.controls_id, name])
+        theirs = checks.filter(pl.col("kind") == kind)
+        assert mine.height == 1 and mine["k"][0] is None
+        assert mine["n_prompts"][0] == theirs.height == 4
+        assert mine["n_jailbroken"][0] == theirs["jailbroken"].sum()
+        assert mine["mean_features"][0] == pytest.approx(theirs["n_features"].mean())
+    assert result.summary["random"]["n_jailbroken"] == 0 and result.summary["stage2"]["n_jailbroken"] == 4
+    runs = set(store.sql("SELECT run_id FROM control_results WHERE controls_id = ?", [result.controls_id])["run_id"])
+    assert not runs & set(checks["run_id"])                      # nothing of prune's checks was run again
+
+
+def test_store_is_the_cache(stage2, result):
+    store, model, _, before = stage2
+    assert result.activation_run_id in before                    # prune's clean run, not a new one
+    n_runs = store.sql("SELECT count(*) AS n FROM runs")["n"][0]
+    again = controls.run(store, model, ControlsSettings(ks=KS))
+    assert store.sql("SELECT count(*) AS n FROM runs")["n"][0] == n_runs
+    assert again.controls_id == result.controls_id and again.asr.equals(result.asr)
+    assert store.sql("SELECT count(*) AS n FROM control_results WHERE controls_id = ?",
+                     [result.controls_id])["n"][0] == (len(KS) + 1) * 4
+    fewer = controls.run(store, model, ControlsSettings(ks=(1, 64), max_prompts=2))
+    assert fewer.activation_run_id == result.activation_run_id and fewer.summary["n_prompts"] == 2
+    assert [r["asr"] for r in fewer.summary["per_k"]] == [1.0, 0.0]
+
+
+def test_report_section(stage2, result, tmp_path):
+    rendered = report.run(stage2[0], report.ReportSettings(out=str(tmp_path / "r")))
+    status = dict(rendered.sections)
+    assert status["Controls: O'Brien et al. baseline (features active on >= k tokens)"] == "ok"
+    html = rendered.html.read_text()
+    assert "O&#x27;Brien ASR by k" in html and "FROM control_asr" in html
+
+
+def test_settings_round_trip_and_validation():
+    s = ControlsSettings(ks=(2, 4), roles=("user",), max_prompts=3, judge="p_i@0.3", generate=16)
+    assert ControlsSettings.from_dict(json.loads(json.dumps(asdict(s)))) == s
+    assert ControlsSettings.from_dict(asdict(ControlsSettings())) == ControlsSettings()
+    for bad in ({"ks": ()}, {"ks": (0, 1)}, {"ks": (3, 2)}, {"roles": ("assistant",)}, {"judge": "vibes"},
+                {"max_prompts": 0}, {"batch_size": 0}):
+        with pytest.raises(UsageError):
+            ControlsSettings(**bad)
+    with pytest.raises(UsageError, match="unknown controls settings"):
+        ControlsSettings.from_dict({"k": 3})
+
+
+def test_cli(planted, stage2, tmp_path):
+    runner = CliRunner()
+    Store.create(tmp_path / "empty")
+    res = runner.invoke(app, ["analyze", "controls", "--model", str(planted.model_dir), "--store", str(tmp_path / "empty")])
+    assert res.exit_code == 2 and res.stdout == ""
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [res.stderr.splitlines()[-1]] == [
+        f"error: no prune analysis for {planted.model_dir} in {tmp_path / 'empty'}; run "
+        f"`python cli.py analyze prune --model {planted.model_dir} --store {tmp_path / 'empty'}` first"]
+    res = runner.invoke(app, ["analyze", "controls", "--model", str(planted.model_dir), "--ks", "1,x",
+                              "--store", str(stage2[0].path)])
+    assert res.exit_code == 2 and res.stderr.strip() == "error: --ks must be a comma-separated list, got '1,x'"
+    res = runner.invoke(app, ["analyze", "controls", "--model", str(planted.model_dir), "--ks", "1,64",
+                              "--store", str(stage2[0].path)])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert "4 stage-2 prompts, 4 refused without intervention" in lines[0]
+    assert lines[3].split()[0] == "1" and lines[3].split()[2:] == ["1.00", "(4/4)"]
+    assert lines[4].split()[0] == "64" and lines[4].split()[1:] == ["0.0", "0.00", "(0/4)"]
+    assert lines[6].startswith("random control (as many active features): ASR 0.00 (0/4)")
