@@ -144,6 +144,14 @@ def _has_rows(store: Store, name: str) -> bool:
 
 # ---- the sections -----------------------------------------------------------------------------
 
+SAE_QUALITY_SQL = """-- the store's trained SAEs: FVU and L0 over ordinary held-out positions (position 0 and
+-- massive-norm rows excluded and measured apart), dead latents, next-token CE increase spliced in vs zeroed
+SELECT model, layer, architecture, width, k, round(fvu, 3) AS fvu, round(l0, 1) AS l0,
+       round(dead_frac, 4) AS dead_frac, round(ce_increase, 3) AS ce_increase,
+       round(ce_zero_increase, 3) AS ce_zero_increase, round(ce_ratio, 3) AS ce_ratio,
+       round(massive_rel_err, 3) AS massive_rel_err, n_train_rows, settings_hash
+FROM sae_quality ORDER BY model, settings_hash, layer"""
+
 RUNS_SQL = """SELECT run_id, model, status, n_items, n_rows,
        CASE WHEN length(CAST(intervention AS VARCHAR)) > 60
             THEN left(CAST(intervention AS VARCHAR), 57) || '...' ELSE CAST(intervention AS VARCHAR) END AS intervention,
@@ -371,7 +379,8 @@ def _generic(store, frames, sql, settings):
 
 # The report's sections, in order: a new stage adds its entry here.
 SECTIONS: list[Section] = [
-    Section("Runs in the store", (RUNS_SQL,), _render_runs, ("runs",), "python cli.py extract"),
+    Section("SAE quality (held-out text, ordinary positions)", (SAE_QUALITY_SQL,), _generic, ("sae_quality",),
+            "python cli.py sae train"),
     Section("Refusal direction: cosine by layer", (DIRECTION_SQL,), _render_cosine, ("directions",),
             "python cli.py analyze direction", "Fig. 4/5"),
     Section("Directional ablation: ASR per layer", (DIRECTION_SQL,), _render_asr, ("directions",),
@@ -400,6 +409,7 @@ SECTIONS: list[Section] = [
             "Fig. 3"),
     Section("Feature cards", (CARD_FEATURES_SQL,), _render_cards, ("feature_sets",),
             "python cli.py analyze prune (cards show the features of the stage-2 and stage-3 sets)"),
+    Section("Runs in the store", (RUNS_SQL,), _render_runs, ("runs",), "python cli.py extract"),
 ]
 
 
