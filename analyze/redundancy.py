@@ -147,7 +147,8 @@ def run(store: Store, model: LoadedModel, settings: RedundancySettings, log: Log
     metrics = _metrics(features, ablations, per_prompt, switch_on, clamped, links, stage3_id, settings)
     tables = {"redundancy_features": features.drop("item"), "redundancy_ablations": ablations,
               "redundancy_prompts": per_prompt, "redundancy_switch_on": switch_on,
-              "redundancy_clamping": clamped.drop("verdict", strict=False), "redundancy_links": links}
+              "redundancy_clamping": clamped.drop("verdict", "clamp_source", strict=False),
+              "redundancy_links": links}
     runs = {kind: _run_of(ablations, kind) for kind in ("clean", "set", "stage3")} | {"clamp": _run_of(clamped)}
     _save(store, aid, model.name, prune_id, stage3_id, judge.judge_id, saes, settings, runs, metrics, tables)
     return RedundancyResult(aid, prune_id, stage3_id, judge.judge_id, metrics,
@@ -345,19 +346,25 @@ def _empty_switch_on() -> pl.DataFrame:
 # ---- item 4: clamping -------------------------------------------------------------------------
 
 def _clamp(runner: _Runner, saes: Sequence[SaeRef], switch_on: pl.DataFrame, per_prompt: pl.DataFrame) -> pl.DataFrame:
-    """The clamping rows (analyze/clamping.py) for the features that switched on in kept prompts, judged."""
+    """The clamping rows (analyze/clamping.py) for the features that switched on in kept prompts, judged.
+
+    When no kept prompt has one (the hydra effect did not show), the features that switched on in any
+    prompt are clamped instead, so the paper's table still exists; `clamp_source` says which.
+    """
     settings = runner.settings
     kept = switch_on.join(per_prompt.filter(pl.col("kept")).select("prompt_id"), on="prompt_id")
-    features = sorted({(int(l), int(f)) for l, f in kept.select("layer", "feature").iter_rows()})
+    source = "kept prompts" if kept.height else "all prompts (none kept)"
+    features = sorted({(int(l), int(f)) for l, f in (kept if kept.height else switch_on)
+                       .select("layer", "feature").iter_rows()})
     if not features or not settings.clamp_values:
         return pl.DataFrame()
-    runner.log(f"item 4: clamping {len(features)} features at positions {settings.clamp_positions} on "
-               f"{len(settings.benign_prompts)} benign prompts")
+    runner.log(f"item 4: clamping {len(features)} features switched on in {source} at positions "
+               f"{settings.clamp_positions} on {len(settings.benign_prompts)} benign prompts")
     es = ExtractSettings(positions="all", generate=settings.clamp_generate, batch_size=settings.batch_size)
     rows = clamping.clamp_generations(runner.store, runner.model, saes, features, settings.benign_prompts,
                                       settings.clamp_values, settings.clamp_positions, es)
     verdicts = judge_run(runner.store, rows["run_id"][0], runner.judge).select("item", "verdict")
-    return rows.join(verdicts, on="item", how="left")
+    return rows.join(verdicts, on="item", how="left").with_columns(pl.lit(source).alias("clamp_source"))
 
 
 # ---- item 5: stage-3 features alone -------------------------------------------------------------
@@ -398,6 +405,7 @@ def _metrics(features: pl.DataFrame, ablations: pl.DataFrame, per_prompt: pl.Dat
         "n_active_only_jailbroken": int(jb["active"]["jailbroken"].sum()),
         "n_kept": int(per_prompt["kept"].sum()),
         "switch_on": _switch_metrics(features, per_prompt, switch_on),
+        "switch_on_all": _switch_metrics(features, per_prompt.with_columns(pl.lit(True).alias("kept")), switch_on),
         "clamping": _clamp_metrics(clamped, settings),
         "links": _link_metrics(jb["set"], jb["stage3"], links, stage3_id),
     }
@@ -420,10 +428,11 @@ def _switch_metrics(features: pl.DataFrame, per_prompt: pl.DataFrame, switch_on:
 
 def _clamp_metrics(clamped: pl.DataFrame, settings: RedundancySettings) -> dict[str, Any]:
     if clamped.is_empty():
-        return {"status": "not run: no dormant feature of a kept prompt switched on"}
+        return {"status": "not run: no dormant feature switched on"}
     refused = clamped.group_by("value").agg((pl.col("verdict") == "refusal").sum().alias("n"))
     by_value = {("none" if v is None else f"{v:g}"): int(n) for v, n in refused.sort("value", nulls_last=False).iter_rows()}
-    return {"status": "run", "n_features": int(clamped["n_features"][0]), "positions": list(settings.clamp_positions),
+    return {"status": "run", "n_features": int(clamped["n_features"][0]), "source": clamped["clamp_source"][0],
+            "positions": list(settings.clamp_positions),
             "values": list(settings.clamp_values), "n_prompts": len(settings.benign_prompts), "n_refused": by_value}
 
 
@@ -497,9 +506,15 @@ def summary(result: RedundancyResult) -> str:
         "   (position 0 carries massive activations on the default model and project SAEs are trained without "
         "it: compare the two lines)",
     ]
+    a = m["switch_on_all"]
+    if m["n_kept"] == 0 and a["n_events"]:
+        lines.append(f"   all prompts (none kept): {a['n_switched']} of {a['n_dormant']} dormant features fire, "
+                     f"{a['n_events']} events; by token role: {roles(a['role_shares'])}; without position 0: "
+                     f"{a['n_events_beyond_pos0']} events")
     c = m["clamping"]
     refused = ", ".join(f"{v} {n}/{c['n_prompts']}" for v, n in c.get("n_refused", {}).items())
-    lines.append(f"4. clamping: {c['n_features']} features at positions {c['positions']} on {c['n_prompts']} benign "
+    lines.append(f"4. clamping: {c['n_features']} features (switched on in {c['source']}) at positions "
+                 f"{c['positions']} on {c['n_prompts']} benign "
                  f"prompts; judged refusals by value: {refused}" if c["status"] == "run"
                  else f"4. clamping: {c['status']}")
     k = m["links"]
