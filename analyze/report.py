@@ -205,10 +205,13 @@ SELECT analysis_id, role, count(*) AS n_switch_on,
        count(*) / sum(count(*)) OVER (PARTITION BY analysis_id) AS share
 FROM redundancy_switch_on GROUP BY analysis_id, role ORDER BY analysis_id, share DESC"""
 
-CLAMPING_SQL = """-- benign prompts with the switched-on features clamped at the first token (value NULL: unclamped)
-SELECT analysis_id, prompt_id, value, n_features, p_i,
-       CASE WHEN length(completion) > 140 THEN left(completion, 137) || '...' ELSE completion END AS completion
-FROM redundancy_clamping ORDER BY analysis_id, prompt_id, value NULLS FIRST"""
+CLAMPING_SQL = """-- benign prompts with the switched-on features clamped at the first token (value NULL: unclamped);
+-- features_from: switched on in prompts that need them, or in any prompt when none does
+SELECT c.analysis_id, coalesce(json_extract_string(r.metrics, '$.clamping.source'), 'kept prompts') AS features_from,
+       c.prompt_id, c.value, c.n_features, c.p_i,
+       CASE WHEN length(c.completion) > 140 THEN left(c.completion, 137) || '...' ELSE c.completion END AS completion
+FROM redundancy_clamping c JOIN redundancy_analyses r USING (analysis_id)
+ORDER BY c.analysis_id, c.prompt_id, c.value NULLS FIRST"""
 
 CONTROLS_SQL = """-- the prompts' reported sets vs as many randomly drawn active features (kind = random)
 SELECT set_id, stage, kind, count(*) AS n_prompts, sum(jailbroken::INT) AS n_jailbroken,
