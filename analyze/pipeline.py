@@ -447,7 +447,15 @@ def _run_redundancy(ctx: _Context, s: RedundancySettings) -> tuple[str, dict[str
     return r.analysis_id, {"n_kept": m["n_kept"]}, (
         f"{m['n_inactive']} of {m['n_features']} set features dormant ({m['n_prompts_with_inactive']} of "
         f"{m['n_prompts']} prompts); {m['n_kept']} prompts need them; {sw['n_switched']} switch on when the rest "
-        f"is ablated ({sw['n_switched_beyond_pos0']} beyond position 0){tail}")
+        f"is ablated ({sw['n_switched_beyond_pos0']} beyond position 0){_all_prompts(m)}{tail}")
+
+
+def _all_prompts(m: dict[str, Any]) -> str:
+    """With no kept prompt, the switch-on over every prompt (what the clamping table then uses)."""
+    a = m.get("switch_on_all")
+    if m["n_kept"] or not a or not a["n_events"]:
+        return ""
+    return f" (over all prompts: {a['n_switched']}, {a['n_switched_beyond_pos0']} beyond position 0)"
 
 
 def _plan_controls(ctx: _Context, done: dict[str, StageOutcome]) -> _Plan:
