@@ -451,9 +451,9 @@ def _run_redundancy(ctx: _Context, s: RedundancySettings) -> tuple[str, dict[str
 
 
 def _all_prompts(m: dict[str, Any]) -> str:
-    """With no kept prompt, the switch-on over every prompt (what the clamping table then uses)."""
-    a = m.get("switch_on_all")
-    if m["n_kept"] or not a or not a["n_events"]:
+    """With no switch-on in a kept prompt, the switch-on over every prompt (what the clamping then uses)."""
+    a = m["switch_on_all"]
+    if m["switch_on"]["n_events"] or not a["n_events"]:
         return ""
     return f" (over all prompts: {a['n_switched']}, {a['n_switched_beyond_pos0']} beyond position 0)"
 

@@ -349,11 +349,12 @@ def _clamp(runner: _Runner, saes: Sequence[SaeRef], switch_on: pl.DataFrame, per
     """The clamping rows (analyze/clamping.py) for the features that switched on in kept prompts, judged.
 
     When no kept prompt has one (the hydra effect did not show), the features that switched on in any
-    prompt are clamped instead, so the paper's table still exists; `clamp_source` says which.
+    prompt are clamped instead, so the paper's table still exists; `clamp_source` says which
+    ("kept prompts" or "all prompts").
     """
     settings = runner.settings
     kept = switch_on.join(per_prompt.filter(pl.col("kept")).select("prompt_id"), on="prompt_id")
-    source = "kept prompts" if kept.height else "all prompts (none kept)"
+    source = "kept prompts" if kept.height else "all prompts"
     features = sorted({(int(l), int(f)) for l, f in (kept if kept.height else switch_on)
                        .select("layer", "feature").iter_rows()})
     if not features or not settings.clamp_values:
@@ -507,8 +508,8 @@ def summary(result: RedundancyResult) -> str:
         "it: compare the two lines)",
     ]
     a = m["switch_on_all"]
-    if m["n_kept"] == 0 and a["n_events"]:
-        lines.append(f"   all prompts (none kept): {a['n_switched']} of {a['n_dormant']} dormant features fire, "
+    if s["n_events"] == 0 and a["n_events"]:               # what the clamping then falls back to
+        lines.append(f"   all prompts: {a['n_switched']} of {a['n_dormant']} dormant features fire, "
                      f"{a['n_events']} events; by token role: {roles(a['role_shares'])}; without position 0: "
                      f"{a['n_events_beyond_pos0']} events")
     c = m["clamping"]

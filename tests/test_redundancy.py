@@ -156,9 +156,9 @@ def test_clamping_falls_back_to_all_prompts_when_none_is_kept(result, model, sae
     runner = redundancy._Runner(store, model, redundancy.get_judge(settings.judge), settings, lambda *_: None)
     none_kept = res.tables["redundancy_prompts"].with_columns(pl.lit(False).alias("kept"))
     c = redundancy._clamp(runner, saes, res.tables["redundancy_switch_on"], none_kept)
-    assert c.height == 5 * 2 and (c["clamp_source"] == "all prompts (none kept)").all()
+    assert c.height == 5 * 2 and (c["clamp_source"] == "all prompts").all()
     assert set(c["value"].drop_nulls()) == {4.0} and (c["n_features"] == 1).all()     # B, the one that switched on
-    assert redundancy._clamp_metrics(c, settings)["source"] == "all prompts (none kept)"
+    assert redundancy._clamp_metrics(c, settings)["source"] == "all prompts"
     nothing = redundancy._clamp(runner, saes, res.tables["redundancy_switch_on"].clear(), none_kept)
     assert nothing.is_empty()
     assert redundancy._clamp_metrics(res.tables["redundancy_clamping"], settings)["source"] == "kept prompts"
