@@ -18,20 +18,22 @@ import numpy as np
 import polars as pl
 import torch
 
-from analyze.common import (NO_SAE_ROWS, Feature, Log, ablation, analysis_id, evaluate, latest_analysis,
-                            load_saes, no_log, save_analysis, settings_from_dict, split_prompts)
+from analyze.catalog import latest_analysis, save_analysis
+from analyze.common import Feature, Log, ablation, analysis_id, evaluate, load_saes, no_log, split_prompts
 from analyze.direction import load_direction
-from analyze.judges import JUDGE_NAMES, Judge, get_judge, judge_run
+from analyze.judges import Judge, get_judge, judge_run
 from extract.datasets import Prompt
 from extract.interventions import Intervention
 from extract.models import LoadedModel
 from extract.run import ExtractSettings, SaeRef
 from extract.saes import decoder_rows
 from store import Store, UsageError
+from analyze.settings import JudgedSettings
+from analyze.text import span
 
 
 @dataclass(frozen=True)
-class CandidateSettings:
+class CandidateSettings(JudgedSettings):
     direction_id: str | None = None      # None: the newest direction analysis of the model in the store
     saes: tuple[str, ...] = ()           # LAYER=SOURCE; () = the store's trained SAEs
     exclude_layers: tuple[int, ...] = (0, 1)
@@ -41,24 +43,14 @@ class CandidateSettings:
     seed: int = 0
     ks: tuple[int, ...] = tuple(range(10, 201, 10))
     ks_per_round: int = 5
-    judge: str = "content"
-    generate: int = 64
-    batch_size: int = 16
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.ks or any(k < 1 for k in self.ks) or list(self.ks) != sorted(set(self.ks)):
             raise UsageError(f"ks must be ascending positive integers, got {self.ks}")
-        for name in ("n_prompts", "ks_per_round", "batch_size"):
+        for name in ("n_prompts", "ks_per_round"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.generate < 0:
-            raise UsageError(f"generate must be >= 0, got {self.generate}")
-        if self.judge.partition("@")[0] not in JUDGE_NAMES:
-            raise UsageError(f"unknown judge {self.judge!r}; use one of {', '.join(JUDGE_NAMES)}")
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "CandidateSettings":
-        return settings_from_dict(cls, raw, "candidates")
 
 
 @dataclass(frozen=True)
@@ -85,7 +77,7 @@ def run(store: Store, model: LoadedModel, settings: CandidateSettings, log: Log 
     prompts = split_prompts(settings.dataset, settings.split, settings.n_prompts, settings.seed)
     generate = settings.generate if judge.needs_completion else 0
     extract_settings = ExtractSettings(positions="last:1", generate=generate, batch_size=settings.batch_size,
-                                       threshold=NO_SAE_ROWS)
+                                       sae_rows=False)
     log(f"clean run of {len(prompts)} {settings.dataset} {settings.split} prompts")
     rows = [_measure(store, model, prompts, [0] * len(prompts), ranking, saes, extract_settings, judge, log)]
     unresolved = [p for p, v in zip(prompts, rows[0]["verdict"]) if v == "refusal"]
@@ -106,7 +98,7 @@ def run(store: Store, model: LoadedModel, settings: CandidateSettings, log: Log 
     summary = _per_prompt(table, prompts)
     metrics = {"n_prompts": len(prompts), "n_refused": n_refused,
                "n_jailbroken": int(summary["k"].is_not_null().sum()), "layer": layer,
-               "sae_layers": [s.layer for s in saes], "runs": sorted(set(table["run_id"]))}
+               "sae_layers": [s.layer for s in saes], "k_max": settings.ks[-1], "runs": sorted(set(table["run_id"]))}
     save_analysis(store, cid, "candidates", model.name, direction["analysis_id"], judge.judge_id, settings,
                   metrics, {"candidate_sets": ("candidates_id", table), "feature_sets": ("set_id", sets)})
     return CandidatesResult(cid, direction["analysis_id"], layer, summary, ranking, metrics)
@@ -171,3 +163,23 @@ def _per_prompt(table: pl.DataFrame, prompts: list[Prompt]) -> pl.DataFrame:
     chosen = table.filter(pl.col("chosen")).select("prompt_id", "k", "n_features", pl.col("p_i").alias("p_i_at_k"))
     order = pl.DataFrame({"prompt_id": [p.prompt_id for p in prompts], "text": [p.text for p in prompts]})
     return order.join(clean, on="prompt_id", how="left").join(chosen, on="prompt_id", how="left")
+
+
+def summary_line(r: CandidatesResult) -> str:
+    """One line: how many refused prompts some K jailbreaks, at which SAE layers."""
+    m = r.metrics
+    return (f"{m['n_jailbroken']} of {m['n_refused']} refused prompts ({m['n_prompts']} taken) jailbroken by the "
+            f"top-K latents per layer, K <= {m['k_max']}, SAE layers {span(m['sae_layers'])} "
+            f"(direction {r.direction_id}, l* = {r.layer})")
+
+
+def detail_lines(r: CandidatesResult) -> list[str]:
+    """Per prompt: the chosen K and P("I") before and at it."""
+    lines = []
+    for row in r.prompts.iter_rows(named=True):
+        if row["k"] is not None:
+            k = f"K={row['k']:<4} ({row['n_features']} latents) P(I) {row['p_i_clean']:.3f} -> {row['p_i_at_k']:.3f}"
+        else:
+            k = f"{'not jailbroken' if row['clean_verdict'] == 'refusal' else 'not refused':<28} P(I) {row['p_i_clean']:.3f}"
+        lines.append(f"  {k}  {row['text'][:60]}")
+    return lines

@@ -10,14 +10,14 @@ A prompt token seen in several runs (the same prompt extracted twice) is one con
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import polars as pl
 
 from analyze.common import Feature
 from queries.run import named_query
 from store import Store, UsageError
+from store.settings import Settings
 
 _FEATURE = re.compile(r"(\d+):(\d+)")
 
@@ -67,7 +67,7 @@ def density_sql() -> str:
 
 
 @dataclass(frozen=True)
-class CardSettings:
+class CardSettings(Settings):
     n_contexts: int = 10                  # top-activating contexts shown
     window: int = 8                       # stored tokens on each side of the highlighted one
 
@@ -75,12 +75,6 @@ class CardSettings:
         if self.n_contexts < 1 or self.window < 0:
             raise UsageError(f"n_contexts must be >= 1 and window >= 0; got {self.n_contexts}, {self.window}")
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "CardSettings":
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UsageError(f"unknown card settings: {sorted(unknown)}")
-        return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -214,3 +208,13 @@ def format_card(c: FeatureCard) -> str:
         text = f"{x.left}[[{x.token}]]{x.right}".replace("\n", "\u21b5")
         lines.append(f"  {x.value:8.3f}  {x.dataset:<12} {text}")
     return "\n".join(lines)
+
+
+def summary_line(c: FeatureCard) -> str:
+    """The card's first line: the feature and its explanation."""
+    return format_card(c).split("\n")[0]
+
+
+def detail_lines(c: FeatureCard) -> list[str]:
+    """The rest of the card."""
+    return format_card(c).split("\n")[1:]

@@ -1,4 +1,4 @@
-"""What stages 1-2 share: analysis ids, settings parsing, prompt selection, batched evaluation, saving.
+"""What every stage shares: analysis ids, prompt selection, SAE lookup, batched evaluation through extraction runs.
 
 Every forward pass goes through an extraction run (`evaluate`): the stages build (prompt,
 intervention) pairs, ask for one run, and read P("I") and completions back from the store.
@@ -9,46 +9,29 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
-import polars as pl
-import torch
 
 from extract.datasets import Prompt, load_prompts
 from extract.interventions import Intervention
 from extract.models import LoadedModel
-from extract.pipeline import resolve_saes, trained_saes
+from extract.saes import resolve_saes, trained_saes
 from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
-from store.store import code_version
 
 Log = Callable[[str], None]
 Feature = tuple[int, int]                              # (layer, feature)
-
-# A threshold no latent reaches: runs whose SAEs are there only for an ablation store no sae_acts rows.
-NO_SAE_ROWS = 1e30
 
 
 def no_log(_: str) -> None:
     """The default `log`: say nothing."""
 
 
-def settings_from_dict(cls: type, raw: dict[str, Any], what: str) -> Any:
-    """A frozen settings dataclass from its JSON form (lists become tuples); unknown keys are an error."""
-    if not isinstance(raw, dict):
-        raise UsageError(f"{what} settings must be a JSON object, got {type(raw).__name__}")
-    unknown = set(raw) - {f.name for f in fields(cls)}
-    if unknown:
-        raise UsageError(f"unknown {what} settings: {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-
-
 def analysis_id(kind: str, model: str, parent: str | None, settings: Any, inputs: Any = None) -> str:
     """16 hex digits of sha256 over the stage, model, parent analysis, settings and other inputs (SAEs)."""
-    blob = json.dumps({"kind": kind, "model": model, "parent": parent, "settings": asdict(settings),
+    blob = json.dumps({"kind": kind, "model": model, "parent": parent, "settings": settings.hashed(),
                        "inputs": inputs}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -138,51 +121,6 @@ def ablation(features: Sequence[Feature]) -> Intervention:
     for layer, feature in features:
         by_layer.setdefault(int(layer), []).append(int(feature))
     return Intervention(zero_ablate={layer: tuple(sorted(set(f))) for layer, f in sorted(by_layer.items())})
-
-
-def readout_logits(model: LoadedModel, h: torch.Tensor) -> torch.Tensor:
-    """Next-token logits from residuals after the last block: final norm, unembedding, softcap if any."""
-    inner = model.model.model
-    with torch.no_grad():
-        x = inner.norm(h.to(device=model.device, dtype=model.dtype))
-        logits = model.model.get_output_embeddings()(x).float()
-    cap = getattr(model.model.config, "final_logit_softcapping", None)
-    return cap * torch.tanh(logits / cap) if cap else logits
-
-
-def save_analysis(store: Store, analysis_id_: str, kind: str, model: str, parent: str | None, judge: str,
-                  settings: Any, metrics: dict[str, Any], tables: dict[str, tuple[str, pl.DataFrame]]) -> None:
-    """Replace the analysis row and its rows in `tables` ({table: (id column, frame)}) in one transaction."""
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
-    with store.transaction() as con:
-        con.execute("DELETE FROM analyses WHERE analysis_id = ?", [analysis_id_])
-        con.execute("INSERT INTO analyses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [analysis_id_, kind, model, parent, judge, json.dumps(asdict(settings), sort_keys=True),
-                     json.dumps(metrics, sort_keys=True), now, code_version()])
-        for table, (column, frame) in tables.items():
-            con.execute(f"DELETE FROM {table} WHERE {column} = ?", [analysis_id_])
-            if frame.height:
-                con.register("incoming", frame.to_arrow())
-                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
-                con.unregister("incoming")
-
-
-def latest_analysis(store: Store, kind: str, model: str, analysis_id_: str | None) -> dict[str, Any]:
-    """The analyses row asked for, or the newest of that kind for the model; JSON columns decoded."""
-    if analysis_id_:
-        df = store.sql("SELECT * FROM analyses WHERE analysis_id = ? AND kind = ?", [analysis_id_, kind])
-        if df.is_empty():
-            raise UsageError(f"no {kind} analysis {analysis_id_} in {store.path}")
-    else:
-        df = store.sql("SELECT * FROM analyses WHERE kind = ? AND model = ? ORDER BY created_at DESC LIMIT 1",
-                       [kind, model])
-        if df.is_empty():
-            raise UsageError(f"no {kind} analysis for {model} in {store.path}; run "
-                             f"`python cli.py analyze {kind} --model {model} --store {store.path}` first")
-    row = df.row(0, named=True)
-    row["settings"] = json.loads(row["settings"])
-    row["metrics"] = json.loads(row["metrics"]) if row["metrics"] else {}
-    return row
 
 
 def rate(flags: Sequence[bool] | np.ndarray) -> float | None:

@@ -27,14 +27,16 @@ from typing import Any
 
 import polars as pl
 
-from analyze.common import (NO_SAE_ROWS, Feature, Log, ablation, analysis_id, evaluate, latest_analysis, load_saes,
-                            no_log, save_analysis, settings_from_dict, stored_prompts)
-from analyze.judges import JUDGE_NAMES, Judge, get_judge, judge_run
+from analyze.catalog import latest_analysis, save_analysis
+from analyze.common import Feature, Log, ablation, analysis_id, evaluate, load_saes, no_log, stored_prompts
+from analyze.judges import Judge, get_judge, judge_run
 from extract.chat import ROLES
 from extract.datasets import Prompt
 from extract.models import LoadedModel
 from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
+from analyze.settings import JudgedPromptSettings
+from analyze.text import fmt, pct
 
 # per item of the clean run, each latent at the given layers with the number of the given roles'
 # tokens where it is non-zero (one sae_acts row per (row, layer, feature), so count(*) counts tokens)
@@ -57,30 +59,20 @@ GROUP BY kind ORDER BY kind
 
 
 @dataclass(frozen=True)
-class ControlsSettings:
+class ControlsSettings(JudgedPromptSettings):
     prune_id: str | None = None                  # stage-2 analysis; None: the model's newest prune
     ks: tuple[int, ...] = (1, 2, 3, 4, 5, 8)     # O'Brien et al.: ablate features active on >= k tokens
     roles: tuple[str, ...] = ("user", "post_instruction")   # the tokens counted: the harmful prompt
-    max_prompts: int | None = None               # the first N stage-2 prompts by prompt_id (None: all)
     judge: str | None = None                     # None: the stage-2 analysis' judge
     generate: int | None = None                  # completion tokens; None: the stage-2 analysis' value
     batch_size: int = 32                         # rows per forward
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.ks or any(not isinstance(k, int) or k < 1 for k in self.ks) or list(self.ks) != sorted(set(self.ks)):
             raise UsageError(f"ks must be distinct ascending integers >= 1, got {self.ks}")
         if not self.roles or len(set(self.roles)) != len(self.roles) or not set(self.roles) <= set(ROLES):
             raise UsageError(f"roles must be distinct, from {', '.join(ROLES)}; got {self.roles}")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise UsageError(f"max_prompts must be >= 1, got {self.max_prompts}")
-        if self.judge is not None and self.judge.partition("@")[0] not in JUDGE_NAMES:
-            raise UsageError(f"unknown judge {self.judge!r}; use one of {', '.join(JUDGE_NAMES)}")
-        if (self.generate is not None and self.generate < 0) or self.batch_size < 1:
-            raise UsageError("generate must be >= 0 and batch_size >= 1")
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ControlsSettings":
-        return settings_from_dict(cls, raw, "controls")
 
 
 @dataclass(frozen=True)
@@ -175,7 +167,7 @@ class _Checker:
 
     def __call__(self, kind: str, k: int, prompts: Sequence[Prompt], sets: Sequence[set[Feature]]) -> pl.DataFrame:
         settings = ExtractSettings(positions="last:1", generate=self.generate, batch_size=self.batch_size,
-                                   threshold=NO_SAE_ROWS)
+                                   sae_rows=False)
         done = evaluate(self.store, self.model, prompts, [ablation(sorted(s)) for s in sets], self.saes, settings,
                         log=self.log)
         verdicts = judge_run(self.store, done.run_id, self.judge)["verdict"].to_numpy()[done.items]
@@ -218,3 +210,28 @@ def _summary(results: pl.DataFrame, asr: pl.DataFrame, act_run: str, settings: C
     return {"n_prompts": clean.height, "n_refused": int(clean["refused_clean"].sum()), "per_k": per_k,
             "max_asr": max(rates) if rates else None, "stage2": other.get("stage2"), "random": other.get("random"),
             "roles": list(settings.roles), "activation_run_id": act_run, "runs": runs}
+
+
+def summary_line(r: ControlsResult) -> str:
+    """One line: O'Brien et al. ASR per k beside the random control."""
+    s = r.summary
+    per_k = ", ".join(f"k={row['k']} {pct(row['asr'])}" for row in s.get("per_k", ()))
+    random = s.get("random") or {}
+    return (f"O'Brien et al. ASR on {s.get('n_refused')} refused stage-2 prompts: {per_k or '-'}; "
+            f"random active features {pct(random.get('asr'))} (prune {r.prune_id}, judge {r.judge})")
+
+
+def detail_lines(r: ControlsResult) -> list[str]:
+    """Per k: features ablated and ASR; then the stage-2 sets and the random control."""
+    s = r.summary
+    lines = [f"{s['n_prompts']} stage-2 prompts, {s['n_refused']} refused without intervention (the ASR denominator)",
+             f"O'Brien et al.: features active on >= k {'+'.join(s['roles'])} tokens, zero-ablated together",
+             f"{'k':>4} {'features':>9} {'ASR':>5}"]
+    for row in s["per_k"]:
+        lines.append(f"{row['k']:>4} {fmt(row['mean_features'], '.1f'):>9} {fmt(row['asr']):>5}  "
+                     f"({row['n_jailbroken']}/{row['n_prompts']})")
+    for kind, what in (("stage2", "stage-2 selected sets"), ("random", "random control (as many active features)")):
+        c = s[kind]
+        lines.append(f"{what}: " + (f"ASR {fmt(c['asr'])} ({c['n_jailbroken']}/{c['n_prompts']}), "
+                                    f"{fmt(c['mean_features'], '.1f')} features per prompt" if c else "no rows in set_checks"))
+    return lines

@@ -22,42 +22,42 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from analyze.common import NO_SAE_ROWS, Feature, Log, ablation, no_log, split_prompts
+from analyze.common import Feature, Log, ablation, no_log, split_prompts
 from analyze.judges import Judge, get_judge, judge_run
-from extract.datasets import Prompt, load_prompts, prompt_id, text_windows
+from extract.datasets import Prompt, load_prompts, text_windows
 from extract.interventions import Intervention
 from extract.models import LoadedModel
 from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
 from store.store import code_version
+from analyze.settings import JudgedPromptSettings
+from analyze.text import fmt, frame_text, pct
 
 CONDITIONS = ("baseline", "direction_ablation", "feature_ablation")
 TEXT_DATASET = "wikitext2-eval"
 
 
 @dataclass(frozen=True)
-class CostsSettings:
+class CostsSettings(JudgedPromptSettings):
     n_alpaca: int = 100                   # paper: 100 Alpaca samples
     n_text: int = 100                     # paper: 100 Pile samples; here WikiText-2 eval windows
     window: int = 128                     # tokens per general-text window
     n_xstest: int = 250                   # XSTest safe prompts for over-refusal (0: skip)
-    generate: int = 64                    # completion tokens judged for over-refusal
-    judge: str = "content"                # analyze.judges name; over-refusal = share of "refusal"
-    stage: int = 2                        # which per-prompt feature sets to ablate
-    max_sets: int = 0                     # at most this many sets (0: all), the first by prompt id
+    stage: int = 2                        # which per-prompt feature sets to ablate (max_prompts: the first N)
     conditions: tuple[str, ...] = CONDITIONS
     batch_size: int = 8                   # loss needs logits at every position: [batch, seq, vocab]
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_alpaca", "n_text", "n_xstest", "max_sets"):
+        super().__post_init__()
+        for name in ("n_alpaca", "n_text", "n_xstest"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("window", "batch_size"):
@@ -70,13 +70,6 @@ class CostsSettings:
             raise UsageError(f"conditions must be among {', '.join(CONDITIONS)}; got {list(self.conditions)}")
         if self.stage not in (1, 2, 3):
             raise UsageError(f"stage must be 1, 2 or 3, got {self.stage}")
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "CostsSettings":
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UsageError(f"unknown costs settings: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
 @dataclass(frozen=True)
@@ -181,8 +174,8 @@ def _conditions(store: Store, model: LoadedModel, settings: CostsSettings, direc
     if "feature_ablation" in settings.conditions:
         sets = dict(feature_sets) if feature_sets is not None else stored_feature_sets(store, model.name, settings.stage)
         sets = {p: s for p, s in sorted(sets.items()) if s}
-        if settings.max_sets:
-            sets = dict(list(sets.items())[:settings.max_sets])
+        if settings.max_prompts is not None:
+            sets = dict(list(sets.items())[:settings.max_prompts])
         if not sets:
             skipped["feature_ablation"] = (f"no stage-{settings.stage} feature sets for {model.name} in the store; "
                                            f"run `python cli.py analyze prune --model {model.name}`")
@@ -206,7 +199,7 @@ def _measure(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings:
     refs = [s for s in saes if s.layer in {l for spec in cond.specs for l in spec.layers}]
     by_spec: dict[str, dict[str, Any]] = {s.spec_hash(): {"set_prompt_id": p, "n_features": _n_features(s)}
                                           for s, p in zip(cond.specs, cond.set_ids)}
-    loss = ExtractSettings(positions="last:1", loss=True, batch_size=settings.batch_size, threshold=NO_SAE_ROWS)
+    loss = ExtractSettings(positions="last:1", loss=True, batch_size=settings.batch_size, sae_rows=False)
     for corpus, prompts, raw in (("alpaca", samples.alpaca, False), ("text", samples.text, True)):
         if not prompts:
             continue
@@ -222,7 +215,7 @@ def _measure(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings:
         items = make_items(model, samples.xstest, specs)
         log(f"  xstest: {len(items)} items, {settings.generate}-token completions")
         gen = ExtractSettings(positions="last:1", generate=settings.generate, batch_size=settings.batch_size,
-                              threshold=NO_SAE_ROWS)
+                              sae_rows=False)
         run_id = extract(store, model, items, refs, gen).run_id
         verdicts = judge_run(store, run_id, judge)
         spec_of = store.sql("SELECT item, spec_hash FROM items WHERE run_id = ?", [run_id])
@@ -315,3 +308,16 @@ def costs_table(result: CostsResult) -> pl.DataFrame:
                 .otherwise(pl.lit(""))).alias(mean)
     return result.table.select("condition", "n_sets", pm("ce_alpaca", "ce_alpaca_std"), pm("ce_text", "ce_text_std"),
                                pl.col("over_refusal").round(3), "n_xstest")
+
+
+def summary_line(r: CostsResult) -> str:
+    """One line: CE on Alpaca / WikiText-2 and over-refusal per condition."""
+    parts = [f"{row['condition']} {fmt(row['ce_alpaca'], '.3f')}/{fmt(row['ce_text'], '.3f')}/{pct(row['over_refusal'])}"
+             for row in r.table.iter_rows(named=True)]
+    skipped = "".join(f"; {c} skipped" for c in r.skipped)
+    return f"CE Alpaca/WikiText-2 (nats) and over-refusal: {', '.join(parts)}{skipped}"
+
+
+def detail_lines(r: CostsResult) -> list[str]:
+    """The costs table and why any condition was skipped."""
+    return [frame_text(costs_table(r))] + [f"skipped {c}: {why}" for c, why in r.skipped.items()]

@@ -19,9 +19,12 @@ import numpy as np
 import polars as pl
 import torch
 
-from analyze.common import (Log, analysis_id, evaluate, no_log, rate, readout_logits, save_analysis,
-                            settings_from_dict, split_prompts)
-from analyze.judges import JUDGE_NAMES, Judge, PhraseJudge, get_judge, judge_run
+from analyze.common import Log, analysis_id, evaluate, no_log, rate, split_prompts
+from analyze.catalog import save_analysis
+from extract.models import readout_logits
+from analyze.judges import Judge, PhraseJudge, get_judge, judge_run
+from analyze.settings import JudgedSettings
+from analyze.text import fmt, pct
 from extract.datasets import Prompt
 from extract.interventions import DirectionAdd, Intervention
 from extract.models import LoadedModel
@@ -33,35 +36,27 @@ MAX_LAYER_FRACTION = 0.8                 # default candidates: skip the last 20%
 
 
 @dataclass(frozen=True)
-class DirectionSettings:
+class DirectionSettings(JudgedSettings):
     harmful: str = "advbench"
     harmless: str = "alpaca"
     n_train: int = 64                    # prompts per class from the train split
     n_val: int = 32                      # prompts per class from the val split
     seed: int = 0                        # the datasets' order and split seed
     layers: tuple[int, ...] = ()         # candidate layers for l*; () = the first 80% of the depth
-    judge: str = "content"
-    generate: int = 64                   # greedy completion length for judges that read completions
     n_random: int = 3                    # random unit directions per control
     add_scale: float | None = None       # direction_add scale; None = the raw diff-in-means norm at l*
-    batch_size: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("n_train", "n_val", "batch_size"):
+        super().__post_init__()
+        for name in ("n_train", "n_val"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_random < 0 or self.generate < 0:
-            raise UsageError("n_random and generate must be >= 0")
+        if self.n_random < 0:
+            raise UsageError(f"n_random must be >= 0, got {self.n_random}")
         if any(layer < 0 for layer in self.layers):
             raise UsageError(f"layers must be >= 0, got {self.layers}")
-        if self.judge.partition("@")[0] not in JUDGE_NAMES:
-            raise UsageError(f"unknown judge {self.judge!r}; use one of {', '.join(JUDGE_NAMES)}")
         if self.add_scale is not None and not self.add_scale > 0:
             raise UsageError(f"add_scale must be > 0, got {self.add_scale}")
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "DirectionSettings":
-        return settings_from_dict(cls, raw, "direction")
 
 
 @dataclass(frozen=True)
@@ -276,3 +271,29 @@ def _table(did, vectors, raw_norms, usable, sweep, kl, cos, best, n_refused) -> 
 
 def _vec(v: torch.Tensor) -> tuple[float, ...]:
     return tuple(float(x) for x in v)
+
+
+def summary_line(r: DirectionResult) -> str:
+    """One line: l*, its ablation ASR, and the random-direction control."""
+    c = r.controls
+    randoms = " ".join(pct(x) for x in c["random_ablation_asr"]) or "-"
+    return (f"l* = {r.layer}; ablating r_l* jailbreaks {pct(c['asr'])} of {c['n_refused']} "
+            f"refused val prompts (random directions {randoms}; judge {r.judge})")
+
+
+def detail_lines(r: DirectionResult) -> list[str]:
+    """The per-layer table and both controls."""
+    c = r.controls
+    lines = [f"{'layer':>5} {'|r|':>8} {'ASR':>5} {'phrase':>6} {'P(I)':>6} {'KL':>6} {'cos_h':>6} {'cos_b':>6}"]
+    for row in r.layers.iter_rows(named=True):
+        lines.append(f"{row['layer']:>5} {row['raw_norm']:>8.2f} {fmt(row['asr']):>5} {fmt(row['asr_phrase']):>6} "
+                     f"{fmt(row['mean_p_i'], '.3f'):>6} {fmt(row['kl_harmless']):>6} {row['cos_harmful']:>6.3f} "
+                     f"{row['cos_benign']:>6.3f}{'  <- l*' if row['selected'] else ''}")
+    listed = lambda xs: " ".join(fmt(x) for x in xs) or "-"  # noqa: E731
+    lines.append(f"ablation at every layer, {c['n_refused']} refused val prompts: r_l* ASR {fmt(c['asr'])} "
+                 f"(phrase judge {fmt(c['asr_phrase'])}); random directions ASR {listed(c['random_ablation_asr'])} "
+                 f"(phrase {listed(c['random_ablation_asr_phrase'])})")
+    lines.append(f"adding at layer {r.layer} (scale {c['add_scale']:.2f}), {c['n_val_benign']} harmless val prompts: "
+                 f"refusal r_l* {fmt(c['add_refusal'])} (phrase {fmt(c['add_refusal_phrase'])}), "
+                 f"random {listed(c['random_add_refusal'])}, none {fmt(c['baseline_benign_refusal'])}")
+    return lines

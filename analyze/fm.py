@@ -16,8 +16,7 @@ below, and the tests check its pairwise term against the naive double sum.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,10 +25,11 @@ from torch import nn
 
 from analyze.fm_data import SPLITS, FmData
 from store import UsageError
+from store.settings import Settings
 
 
 @dataclass(frozen=True)
-class FmSettings:
+class FmSettings(Settings):
     embedding: int = 20                   # k; the paper uses 20 (5 and 50 as diagnostics)
     epochs: int = 20
     lr: float = 1e-3                      # Adam
@@ -49,12 +49,6 @@ class FmSettings:
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise UsageError(f"FM device must be auto, cpu or cuda[:N], got {self.device!r}")
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "FmSettings":
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UsageError(f"unknown FM settings: {sorted(unknown)}")
-        return cls(**raw)
 
     def resolved_device(self) -> torch.device:
         """The device training runs on."""

@@ -170,7 +170,7 @@ def build(store: Store, model: str, prompt_ids: Sequence[str], sae_ids: Mapping[
     if absent:
         n = len({p for ps in absent.values() for p in ps})
         raise UsageError(f"{n} prompts have no unablated SAE activations (last {n_last} positions) at layers "
-                         f"{sorted(absent)} for {model}; extract them first (analyze fm does so itself)")
+                         f"{sorted(absent)} for {model}; extract them first (analyze stage3 does so itself)")
     meta = _prompt_meta(store, prompt_ids)
     params, frames = _inputs(model, prompt_ids, sae_ids, n_last, threshold)
     acts = store.fetch_numpy(_VALUES, params, frames)

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")                                  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+import polars as pl  # noqa: E402
+
 from store import Store, UsageError  # noqa: E402
 
 
@@ -52,3 +54,29 @@ def direction_plots(store: Store, direction_id: str, out_dir: Path) -> list[Path
     fig.savefig(asr, dpi=120)
     plt.close(fig)
     return [cosine, asr]
+
+
+def stage3_asr_plot(asr: pl.DataFrame, path: str | Path, title: str = "") -> Path:
+    """PNG of ASR per K: FM-ranked and probe-ranked latents ablated with the stage-2 set (dotted: the set alone)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for ranker, style in (("fm", "o-"), ("probe", "s--")):
+        part = asr.filter(pl.col("ranker") == ranker).sort("k")
+        if part.height:
+            ax.plot(part["k"].to_list(), part["asr"].to_list(), style, label=f"{ranker}-ranked top-K + stage 2")
+    base = asr.filter(pl.col("ranker") == "stage2")
+    if base.height:
+        ax.axhline(base["asr"][0], color="grey", linestyle=":", label="stage-2 set alone")
+    ax.set(xlabel="K (latents ablated on top of the stage-2 set)", ylabel="attack success rate", ylim=(-0.02, 1.02),
+           title=title or "Stage 3: ASR per K")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def stage3_plot(result, path: str | Path) -> Path:
+    """The stage-3 sweep's ASR per K for a stage-3 result, in a PNG at `path` (directories made)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return stage3_asr_plot(result.asr, path, title="Stage 3: FM vs probe")

@@ -8,8 +8,7 @@ at that C. Input is the scipy CSR view of the data; nothing is densified.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -17,10 +16,11 @@ from sklearn.linear_model import LogisticRegression
 
 from analyze.fm_data import SPLITS, FmData
 from store import UsageError
+from store.settings import Settings
 
 
 @dataclass(frozen=True)
-class ProbeSettings:
+class ProbeSettings(Settings):
     Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)   # inverse L2 strengths tried on val
     max_iter: int = 2000
     seed: int = 0
@@ -31,12 +31,6 @@ class ProbeSettings:
         if self.max_iter < 1:
             raise UsageError(f"probe max_iter must be >= 1, got {self.max_iter}")
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ProbeSettings":
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UsageError(f"unknown probe settings: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
 @dataclass(frozen=True, eq=False)

@@ -26,51 +26,41 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from analyze.common import (NO_SAE_ROWS, Feature, Log, ablation, analysis_id, evaluate, latest_analysis,
-                            load_saes, no_log, save_analysis, settings_from_dict, stored_prompts)
-from analyze.judges import JUDGE_NAMES, Judge, get_judge, judge_run
+from analyze.catalog import latest_analysis, save_analysis
+from analyze.common import Feature, Log, ablation, analysis_id, evaluate, load_saes, no_log, stored_prompts
+from analyze.judges import Judge, get_judge, judge_run
 from extract.datasets import Prompt
 from extract.models import LoadedModel
 from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
+from analyze.settings import JudgedPromptSettings
+from analyze.text import fmt
 
 POOLS = ("candidates", "active")
 
 
 @dataclass(frozen=True)
-class PruneSettings:
+class PruneSettings(JudgedPromptSettings):
     candidates_id: str | None = None     # None: the newest candidates analysis of the model
     block_size: int = 5                  # N in Algorithm 1
     taus: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     seeds: tuple[int, ...] = (0, 1, 2)
-    max_prompts: int | None = None       # the first N stage-1 prompts with a chosen K (None: all)
     pool: str = "candidates"             # candidates: C_K as stage 1 ablated it; active: C_K ∩ latents
                                          # active on the prompt (clean run, any position)
-    judge: str = "content"
-    generate: int = 64
     batch_size: int = 32                 # rows per forward in the lockstep runs
     dedupe: bool = True                  # identical (prompt, set) rows of a step share one forward
     control_seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.block_size < 1:
             raise UsageError(f"block_size must be >= 1, got {self.block_size}")
         if not self.taus or any(not 0 < t for t in self.taus):
             raise UsageError(f"taus must be > 0, got {self.taus}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise UsageError(f"seeds must be distinct, got {self.seeds}")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise UsageError(f"max_prompts must be >= 1, got {self.max_prompts}")
         if self.pool not in POOLS:
             raise UsageError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
-        if self.generate < 0 or self.batch_size < 1:
-            raise UsageError("generate must be >= 0 and batch_size >= 1")
-        if self.judge.partition("@")[0] not in JUDGE_NAMES:
-            raise UsageError(f"unknown judge {self.judge!r}; use one of {', '.join(JUDGE_NAMES)}")
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "PruneSettings":
-        return settings_from_dict(cls, raw, "prune")
 
 
 @dataclass
@@ -198,7 +188,7 @@ def _decide(r: _Run, step: int, p_without: float, run_id: str, item: int, pool: 
 
 def _quiet(batch_size: int, generate: int) -> ExtractSettings:
     """Last-token runs for P("I") (and completions), storing no residuals and no SAE rows."""
-    return ExtractSettings(positions="last:1", generate=generate, batch_size=batch_size, threshold=NO_SAE_ROWS)
+    return ExtractSettings(positions="last:1", generate=generate, batch_size=batch_size, sae_rows=False)
 
 
 def _stage1_sets(store: Store, candidates_id: str, prompts: list[Prompt]) -> list[set[Feature]]:
@@ -308,3 +298,23 @@ def _feature_rows(pid: str, prompts: list[Prompt], sets, checks: pl.DataFrame) -
     return (frame.join(chosen, on=["prompt_id", "tau"], how="left")
             .with_columns(pl.col("selected").fill_null(False), pl.lit(pid).alias("set_id"),
                           pl.lit(2, pl.Int8).alias("stage"), pl.lit(None, pl.Float32).alias("score")))
+
+
+def summary_line(r: PruneResult) -> str:
+    """One line: prompts jailbroken by their minimal sets, set sizes, the random control, the work done."""
+    m = r.summary
+    return (f"{m['n_jailbroken']}/{m['n_prompts']} prompts jailbroken by their minimal sets "
+            f"({fmt(m['features_per_prompt'], '.1f')} features per prompt, {m['n_unique_features']} unique); "
+            f"random active features of equal size {m['n_random_jailbroken']}/{m['n_prompts']}; "
+            f"{m['n_steps']} lockstep steps, {m['n_evaluations']} evaluations in {m['n_forward_items']} forward rows, "
+            f"{m['seconds_pruning']:.0f} s")
+
+
+def detail_lines(r: PruneResult) -> list[str]:
+    """Per tau: prompts jailbroken and mean set size; unique features per layer."""
+    m = r.summary
+    lines = [f"{'tau':>5} {'jailbroken':>10} {'features':>8}"]
+    for row in r.per_tau.iter_rows(named=True):
+        lines.append(f"{row['tau']:>5.1f} {row['n_jailbroken']:>6}/{row['n_prompts']:<3} {row['mean_features']:>8.1f}")
+    lines.append("unique features per layer " + (" ".join(f"{k}:{v}" for k, v in m["per_layer_unique"].items()) or "-"))
+    return lines

@@ -39,17 +39,19 @@ from typing import Any
 import polars as pl
 
 from analyze import clamping
-from analyze.common import Feature, Log, ablation, analysis_id, latest_analysis, no_log, settings_from_dict, stored_prompts
-from analyze.judges import JUDGE_NAMES, Judge, get_judge, judge_run
+from analyze.common import Feature, Log, ablation, analysis_id, no_log, stored_prompts
+from analyze.catalog import latest_analysis
+from analyze.judges import Judge, get_judge, judge_run
 from extract.chat import ROLES
 from extract.datasets import Prompt
 from extract.interventions import Intervention
 from extract.models import LoadedModel
-from extract.pipeline import trained_saes
+from extract.saes import trained_saes
 from extract.run import ExtractSettings, SaeRef, extract, make_items
 from extract.saes import load_sae
 from store import Store, UsageError
 from store.store import code_version
+from analyze.settings import JudgedPromptSettings
 
 KINDS = ("clean", "set", "inactive", "active", "stage3")
 TABLES = ("redundancy_features", "redundancy_ablations", "redundancy_prompts", "redundancy_switch_on",
@@ -68,40 +70,29 @@ ORDER BY t.item, a.layer, a.feature, t.pos
 
 
 @dataclass(frozen=True)
-class RedundancySettings:
+class RedundancySettings(JudgedPromptSettings):
     prune_id: str | None = None           # stage-2 sets (feature_sets.set_id); None: the model's newest prune
     stage3_id: str | None = None          # stage-3 sets; None: the model's newest, "none": skip item 5
     saes: tuple[str, ...] = ()            # LAYER=SOURCE, over the SAEs the stage-2 checks ran with
-    judge: str = "content"                # analyze/judges.py: content, phrase, p_i, p_i@T, ...
-    generate: int = 64                    # completion length of the judged runs (stage 2's default)
     clamp_values: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0, 10.0)
     clamp_positions: tuple[int, ...] = (0,)   # the first token: BOS, or <|im_start|> on Qwen
     clamp_generate: int = 32              # greedy tokens of the clamping table
     benign_prompts: tuple[str, ...] = clamping.BENIGN_PROMPTS
-    max_prompts: int | None = None        # the first N stage-2 prompts by prompt_id (None: all)
-    batch_size: int = 16
 
     def __post_init__(self) -> None:
-        if self.judge.partition("@")[0] not in JUDGE_NAMES:
-            raise UsageError(f"unknown judge {self.judge!r}; use one of {', '.join(JUDGE_NAMES)}")
+        super().__post_init__()
         for entry in self.saes:
             layer, sep, source = entry.partition("=")
             if not sep or not layer.strip().isdigit() or not source.strip():
                 raise UsageError(f"--sae must be LAYER=SOURCE, got {entry!r}")
         if self.generate < 1 or self.clamp_generate < 1 or self.batch_size < 1:
             raise UsageError("generate, clamp_generate and batch_size must be >= 1")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise UsageError(f"max_prompts must be >= 1, got {self.max_prompts}")
         if list(self.clamp_positions) != sorted(set(self.clamp_positions)) or not self.clamp_positions:
             raise UsageError(f"clamp_positions must be distinct and ascending, got {self.clamp_positions}")
         if not all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in self.clamp_values):
             raise UsageError(f"clamp_values must be finite numbers, got {self.clamp_values}")
         if not self.benign_prompts or not all(t.strip() for t in self.benign_prompts):
             raise UsageError("benign_prompts must be non-empty texts")
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "RedundancySettings":
-        return settings_from_dict(cls, raw, "redundancy")
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,9 +172,9 @@ def _stage3_id(store: Store, model: str, prune_id: str, wanted: str | None) -> s
         return None
     if wanted:
         if store.sql("SELECT 1 FROM feature_sets WHERE set_id = ? AND stage = 3 LIMIT 1", [wanted]).is_empty():
-            raise UsageError(f"no stage-3 sets {wanted} in {store.path}; run `python cli.py analyze fm` or drop --stage3")
+            raise UsageError(f"no stage-3 sets {wanted} in {store.path}; run `python cli.py analyze stage3` or drop --stage3")
         return wanted
-    df = store.sql("SELECT a.analysis_id FROM analyses a WHERE a.kind = 'fm' AND a.model = ? "
+    df = store.sql("SELECT a.analysis_id FROM analyses a WHERE a.kind = 'stage3' AND a.model = ? "
                    "AND (a.parent_id = ? OR a.parent_id IS NULL) AND EXISTS (SELECT 1 FROM feature_sets f "
                    "WHERE f.set_id = a.analysis_id AND f.stage = 3 AND f.selected) ORDER BY a.created_at DESC LIMIT 1",
                    [model, prune_id])
@@ -486,8 +477,37 @@ def _save(store: Store, aid: str, model: str, prune_id: str, stage3_id: str | No
                 con.unregister("incoming")
 
 
+def summary_line(r: RedundancyResult) -> str:
+    """One line: dormant features, the prompts that need them, and their switch-on."""
+    m, sw = r.metrics, r.metrics["switch_on"]
+    links = m["links"]
+    tail = (f"; stage-3 sets alone reproduce {links['n_reproduced']} of {links['n_set_jailbroken']} jailbreaks"
+            if links["status"] == "run" else "")
+    a = m["switch_on_all"]
+    everywhere = ("" if sw["n_events"] or not a["n_events"] else
+                  f" (over all prompts: {a['n_switched']}, {a['n_switched_beyond_pos0']} beyond position 0)")
+    return (f"{m['n_inactive']} of {m['n_features']} set features dormant ({m['n_prompts_with_inactive']} of "
+            f"{m['n_prompts']} prompts); {m['n_kept']} prompts need them; {sw['n_switched']} switch on when the rest "
+            f"is ablated ({sw['n_switched_beyond_pos0']} beyond position 0){everywhere}{tail}")
+
+
+def detail_lines(result: RedundancyResult) -> list[str]:
+    """Items 1-5 in a few lines, shares with and without position 0, then the clamping table."""
+    return summary(result).split("\n") + _clamping_lines(result)
+
+
+def _clamping_lines(result: RedundancyResult) -> list[str]:
+    clamped, lines = result.tables["redundancy_clamping"], []
+    for (text,), rows in clamped.group_by("text", maintain_order=True) if clamped.height else ():
+        lines.append(f"clamped on {text!r}:")
+        for value, verdict, completion in rows.select("value", "verdict", "completion").iter_rows():
+            lines.append(f"  {'none' if value is None else format(value, 'g'):>5}  {verdict:<10}  "
+                         f"{' '.join((completion or '').split())[:90]}")
+    return lines
+
+
 def summary(result: RedundancyResult) -> str:
-    """The command's printout: items 1-5 in a few lines, shares with and without position 0."""
+    """Items 1-5 in a few lines, shares with and without position 0."""
     m, s = result.metrics, result.metrics["switch_on"]
     pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"                            # noqa: E731
     roles = lambda shares: ", ".join(f"{r} {pct(v)}" for r, v in shares.items())      # noqa: E731

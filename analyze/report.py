@@ -14,7 +14,7 @@ import html
 import io
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Union
@@ -28,6 +28,7 @@ import polars as pl  # noqa: E402
 from analyze import taxonomy  # noqa: E402
 from analyze.cards import CardSettings, FeatureCard, cards  # noqa: E402
 from store import Store, UsageError  # noqa: E402
+from store.settings import Settings
 
 
 # ---- parts a section renders into ---------------------------------------------------------------
@@ -80,7 +81,7 @@ class Rendered:
 
 
 @dataclass(frozen=True)
-class ReportSettings:
+class ReportSettings(Settings):
     out: str | None = None                # output directory (default: <store>/report)
     max_cards: int = 24                   # feature cards shown (most frequent features of the sets)
     n_contexts: int = 6                   # contexts per card
@@ -89,12 +90,6 @@ class ReportSettings:
         if self.max_cards < 0 or self.n_contexts < 1:
             raise UsageError(f"max_cards must be >= 0 and n_contexts >= 1; got {self.max_cards}, {self.n_contexts}")
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ReportSettings":
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UsageError(f"unknown report settings: {sorted(unknown)}")
-        return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -393,7 +388,7 @@ SECTIONS: list[Section] = [
     Section("Stage 2: pruned sets (jailbreaks by tau)", (STAGE2_BY_TAU_SQL, STAGE2_SELECTED_SQL), _generic,
             ("feature_sets",), "python cli.py analyze prune"),
     Section("Stage 3: FM vs linear probe", (FM_MODELS_SQL, STAGE3_ASR_SQL), _render_stage3, ("fm_models",),
-            "python cli.py analyze fm"),
+            "python cli.py analyze stage3"),
     Section("Redundancy: dormant features and where they switch on",
             (REDUNDANCY_PROMPTS_SQL, REDUNDANCY_ABLATIONS_SQL, REDUNDANCY_SWITCH_ON_SQL), _generic,
             ("redundancy_prompts",), "python cli.py analyze redundancy"),
@@ -570,3 +565,15 @@ def _figure(fig, alt: str) -> Figure:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Figure(buf.getvalue(), alt)
+
+
+def summary_line(r: ReportResult) -> str:
+    """One line: how many sections have results, and where the report is."""
+    n_ok = sum(status == "ok" for _, status in r.sections)
+    return f"{n_ok} of {len(r.sections)} sections have results: {r.html}"
+
+
+def detail_lines(r: ReportResult) -> list[str]:
+    """The sections without results, and both files."""
+    return [f"  {status}: {title}" for title, status in r.sections if status != "ok"] + [
+        f"report: {r.html}", f"markdown: {r.markdown}"]

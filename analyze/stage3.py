@@ -23,7 +23,7 @@ alone and skips generation.
 Where things come from: the stage-2 sets are the selected `feature_sets` rows of a prune analysis
 (the newest for the model unless `prune_id`); l* is the selected layer of the direction behind it
 (prune -> candidates -> direction); the SAEs are the candidates analysis' SAEs, so the sweep ablates
-with the SAEs that found the stage-2 sets. The sweep is an `analyses` row of kind 'fm'.
+with the SAEs that found the stage-2 sets. The sweep is an `analyses` row of kind 'stage3'.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,24 +45,26 @@ from safetensors.torch import load_file, save_file
 from analyze import fm as fm_mod
 from analyze import fm_data
 from analyze import probe as probe_mod
-from analyze.common import (Feature, Log, ablation, analysis_id, evaluate, latest_analysis, no_log, save_analysis,
-                            stored_prompts)
+from analyze.catalog import latest_analysis, save_analysis
+from analyze.common import Feature, Log, ablation, analysis_id, evaluate, no_log, stored_prompts
 from analyze.fm import FmFit, FmSettings
 from analyze.fm_data import FmData
-from analyze.judges import JUDGE_NAMES, get_judge, judge_run
+from analyze.judges import get_judge, judge_run
 from analyze.probe import ProbeFit, ProbeSettings
 from extract.datasets import Prompt, load_prompts
 from extract.models import LoadedModel
 from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
 from store.store import code_version
+from analyze.settings import JudgedPromptSettings
+from analyze.text import fmt, pct, span
 
 AGGREGATES = ("max", "mean")
 CANDIDATES = ("active", "all")
 
 
 @dataclass(frozen=True)
-class Stage3Settings:
+class Stage3Settings(JudgedPromptSettings):
     prune_id: str | None = None           # whose stage-2 sets; None: the model's newest prune analysis
     layers: tuple[int, ...] = ()          # FM input layers; () = min_layer..l*
     min_layer: int = 2                    # paper: layers 2..l*
@@ -81,18 +83,15 @@ class Stage3Settings:
     probe_ks: tuple[int, ...] = (100, 500, 1000, 2000)
     aggregate: str = "max"                # FM score over the stage-2 set: max | mean of cosines
     candidates: str = "active"            # active: latents active on the prompt; all: every FM column
-    judge: str = "content"
-    generate: int = 64                    # greedy completion length for the judge
-    batch_size: int = 16
-    max_prompts: int = 0                  # sweep at most this many stage-2 prompts (0 = all)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_ints(self.layers, "layers", low=0)
         for name in ("n_last", "limit", "min_train_prompts", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.generate < 0 or self.max_prompts < 0 or self.min_layer < 0:
-            raise UsageError("generate, max_prompts and min_layer must be >= 0")
+        if self.min_layer < 0:
+            raise UsageError(f"min_layer must be >= 0, got {self.min_layer}")
         _check_ints(self.diagnostic_embeddings, "diagnostic embeddings", low=1)
         _check_ints(self.ks, "ks", low=1)
         _check_ints(self.probe_ks, "probe ks", low=1)
@@ -102,22 +101,8 @@ class Stage3Settings:
                                      ("candidates", self.candidates, CANDIDATES)):
             if value not in allowed:
                 raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.judge.partition("@")[0] not in JUDGE_NAMES:
-            raise UsageError(f"unknown judge {self.judge!r}; use one of {', '.join(JUDGE_NAMES)}")
         if self.generate == 0 and not self.judge.startswith("p_i"):
             raise UsageError(f"judge {self.judge} reads completions: set generate > 0, or use a p_i@T judge")
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Stage3Settings":
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UsageError(f"unknown stage-3 settings: {sorted(unknown)}")
-        parsed = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-        if isinstance(parsed.get("fm"), dict):
-            parsed["fm"] = FmSettings.from_dict(parsed["fm"])
-        if isinstance(parsed.get("probe"), dict):
-            parsed["probe"] = ProbeSettings.from_dict(parsed["probe"])
-        return cls(**parsed)
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,7 +116,7 @@ class Stage3Result:
     probe_accuracy: dict[str, float]
     probe_C: float
     similarity: pl.DataFrame              # embedding, model_id, best_epoch, test_acc, mean_cosine
-    sweep_id: str | None = None           # the analyses row (kind 'fm') of the sweep
+    sweep_id: str | None = None           # the analyses row (kind 'stage3') of the sweep
     prune_id: str | None = None
     judge: str | None = None
     asr: pl.DataFrame | None = None       # ranker, k, n_prompts, n_jailbroken, asr, run_id
@@ -224,7 +209,7 @@ def _fm_prompts(settings: Stage3Settings) -> list[Prompt]:
 def _sae_refs(store: Store, model: LoadedModel, settings: Stage3Settings, layers: Sequence[int],
               stage2: Mapping[str, Sequence[Feature]], cand: dict[str, Any] | None) -> list[SaeRef]:
     """SAEs at the FM layers and the stage-2 layers: explicit, else the candidates analysis', else the store's."""
-    from extract.pipeline import resolve_saes
+    from extract.saes import resolve_saes
 
     specs = settings.saes or (tuple(cand["settings"].get("saes", ())) if cand else ())
     needed = sorted(set(layers) | {layer for feats in stage2.values() for layer, _ in feats})
@@ -411,7 +396,7 @@ def _sweep(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings: S
     if not plans:
         raise UsageError("none of the stage-2 prompts has a stage-2 latent among the FM's columns; "
                          "check that the FM layers cover the stage-2 layers")
-    sweep_id = analysis_id("fm", model.name, result.prune_id, settings,
+    sweep_id = analysis_id("stage3", model.name, result.prune_id, settings,
                            {"fm": fm_fit[1], "probe": probe_fit[1], "judge": judge.judge_id,
                             "stage2": {p.prompt.prompt_id: p.stage2 for p in plans}})
     es = ExtractSettings(positions=f"last:{settings.n_last}", batch_size=settings.batch_size,
@@ -439,7 +424,7 @@ def _sweep(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings: S
                "similarity": result.similarity.to_dicts(), "asr": asr.to_dicts(), "n_swept": result.n_swept,
                "n_skipped": result.n_skipped, "n_stage3_sets": result.n_stage3_sets}
     with_id = pl.lit(sweep_id).alias("sweep_id")
-    save_analysis(store, sweep_id, "fm", model.name, result.prune_id, judge.judge_id, settings, metrics, {
+    save_analysis(store, sweep_id, "stage3", model.name, result.prune_id, judge.judge_id, settings, metrics, {
         "stage3_rankings": ("sweep_id", _rankings_frame(plans, data).with_columns(with_id)),
         "stage3_outcomes": ("sweep_id", table.with_columns(with_id)),
         "stage3_asr": ("sweep_id", asr.with_columns(with_id)),
@@ -489,32 +474,40 @@ def asr_table(asr: pl.DataFrame) -> pl.DataFrame:
     return wide.select("k", *[c for c in ("stage2", "fm", "probe") if c in wide.columns])
 
 
-def plot_asr(asr: pl.DataFrame, path: str | Path, title: str = "") -> Path:
-    """PNG of ASR per K: FM-ranked and probe-ranked latents ablated with the stage-2 set (dotted: the set alone)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for ranker, style in (("fm", "o-"), ("probe", "s--")):
-        part = asr.filter(pl.col("ranker") == ranker).sort("k")
-        if part.height:
-            ax.plot(part["k"].to_list(), part["asr"].to_list(), style, label=f"{ranker}-ranked top-K + stage 2")
-    base = asr.filter(pl.col("ranker") == "stage2")
-    if base.height:
-        ax.axhline(base["asr"][0], color="grey", linestyle=":", label="stage-2 set alone")
-    ax.set(xlabel="K (latents ablated on top of the stage-2 set)", ylabel="attack success rate", ylim=(-0.02, 1.02),
-           title=title or "Stage 3: ASR per K")
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def _check_ints(values: tuple[int, ...], name: str, low: int) -> None:
     if any(not isinstance(v, int) or isinstance(v, bool) or v < low for v in values):
         raise UsageError(f"{name} must be integers >= {low}, got {list(values)}")
     if list(values) != sorted(set(values)):
         raise UsageError(f"{name} must be ascending and distinct, got {list(values)}")
+
+
+def summary_line(r: Stage3Result) -> str:
+    """One line: FM vs probe test accuracy, and the sweep's best ASR per ranker."""
+    line = (f"FM test accuracy {r.fm_accuracy['test']:.3f} vs probe {r.probe_accuracy['test']:.3f} on "
+            f"{r.n_features} latents at layers {span(list(r.layers))}")
+    if r.asr is None:
+        return line
+    best = dict(r.asr.group_by("ranker").agg(pl.col("asr").max()).iter_rows())
+    return line + (f"; ASR on {r.n_swept} stage-2 prompts: set alone {pct(best.get('stage2'))}, + FM top-K up to "
+                   f"{pct(best.get('fm'))}, + probe top-K up to {pct(best.get('probe'))}; {r.n_stage3_sets} stage-3 sets")
+
+
+def detail_lines(r: Stage3Result) -> list[str]:
+    """The fits, the embedding-size diagnostic, and the sweep's ASR per K."""
+    n = r.n_prompts
+    acc = lambda a: f"test {a['test']:.3f} (train {a['train']:.3f}, val {a['val']:.3f})"  # noqa: E731
+    lines = [f"FM data: layers {span(list(r.layers))}, {r.n_features} latents, prompts train {n['train']} / "
+             f"val {n['val']} / test {n['test']}",
+             f"FM    {r.fm_model_id}: accuracy {acc(r.fm_accuracy)}",
+             f"probe {r.probe_model_id}  C={r.probe_C:g}: accuracy {acc(r.probe_accuracy)}",
+             f"{'k':>4} {'test acc':>8} {'mean cos':>8} {'epoch':>5}"]
+    for row in r.similarity.iter_rows(named=True):
+        lines.append(f"{row['embedding']:>4} {row['test_acc']:>8.3f} {row['mean_cosine']:>8.3f} {row['best_epoch']:>5}")
+    if r.asr is None:
+        return lines
+    lines.append(f"sweep {r.sweep_id} (judge {r.judge}): {r.n_swept} stage-2 prompts swept, {r.n_skipped} skipped "
+                 "(no stage-2 latent among the FM's columns)")
+    lines.append(f"{'K':>5} {'stage2':>6} {'FM':>6} {'probe':>6}")
+    for row in asr_table(r.asr).iter_rows(named=True):
+        lines.append(f"{row['k']:>5} {fmt(row.get('stage2')):>6} {fmt(row.get('fm')):>6} {fmt(row.get('probe')):>6}")
+    return lines

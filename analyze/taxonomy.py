@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ import polars as pl
 from analyze.common import Feature
 from queries.run import named_query
 from store import Store, UsageError
+from analyze.text import frame_text
+from store.settings import Settings
 
 LEVELS = ("category", "subcategory")
 FEATURE_SOURCES = ("sets", "all")
@@ -33,7 +35,7 @@ _LEADING_INT = re.compile(r"\s*(\d+)")
 
 
 @dataclass(frozen=True)
-class TaxonomySettings:
+class TaxonomySettings(Settings):
     level: str = "category"               # category | subcategory ("category/subcategory")
     min_prompts: int = 1                  # a feature belongs to a category when it fires on >= this many of its prompts
     features: str = "sets"                # sets: features of the store's feature sets | all
@@ -46,12 +48,6 @@ class TaxonomySettings:
         if self.features not in FEATURE_SOURCES:
             raise UsageError(f"features must be one of {', '.join(FEATURE_SOURCES)}, got {self.features!r}")
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "TaxonomySettings":
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UsageError(f"unknown taxonomy settings: {sorted(unknown)}")
-        return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -174,3 +170,20 @@ def _as_int(value: Any, what: str, path: Path, k: int) -> int:
     if not match:
         raise UsageError(f"{path} record {k}: {what} must be an integer, got {value!r}")
     return int(match.group(1))
+
+
+def summary_line(r: TaxonomyResult) -> str:
+    """One line: features mapped, categories, and how many sit in more than one."""
+    if r.mapping.is_empty():
+        return ("no feature fires on CoCoNot prompts; extract them with SAEs first: "
+                "python cli.py extract --dataset coconot --limit 0")
+    multi = int(r.multi_category.filter(pl.col("n_categories") > 1)["n_features"].sum())
+    return (f"{r.mapping.height} features fire on CoCoNot prompts, in {r.per_category.height} categories "
+            f"({multi} in more than one)")
+
+
+def detail_lines(r: TaxonomyResult) -> list[str]:
+    """Features per category, per number of categories, and the first 40 mappings."""
+    if r.mapping.is_empty():
+        return []
+    return [frame_text(r.per_category), frame_text(r.multi_category), frame_text(r.mapping.head(40))]

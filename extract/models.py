@@ -301,3 +301,12 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
                                                  quantization_config=GgufConfig(dequantize=True))
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def readout_logits(model: LoadedModel, h: torch.Tensor) -> torch.Tensor:
+    """Next-token logits from residuals after the last block: final norm, unembedding, softcap if any."""
+    with torch.no_grad():
+        x = model.model.model.norm(h.to(device=model.device, dtype=model.dtype))
+        logits = model.model.get_output_embeddings()(x).float()
+    cap = getattr(model.model.config, "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits

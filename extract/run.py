@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -23,26 +23,28 @@ from extract.datasets import Prompt
 from extract.hooks import captured, intervened, run_until
 from extract.interventions import Intervention
 from extract.models import LoadedModel
-from extract.saes import encode
+from extract.saes import SaeRef, encode
 from store import RunPlan, Store, UsageError, begin_run
+from store.settings import Settings
 
 Progress = Callable[[int, int], None]                  # (items done in this step, tokens done)
 
 
 @dataclass(frozen=True)
-class ExtractSettings:
+class ExtractSettings(Settings):
     layers: tuple[int, ...] = ()          # residual layers stored in Zarr
     positions: str = "all"                # "all" or "last:N": which token positions get rows
     generate: int = 0                     # greedy completion length (0: none)
     save_logits: bool = False             # store last-position logits (float16 [n_items, vocab]) in Zarr
     batch_size: int = 16
     threshold: float = 0.0                # an SAE latent is stored when its value > threshold
+    sae_rows: bool = True                 # False: the SAEs only serve interventions; no sae_acts rows
     resid_dtype: str = "float32"          # float32 | float16
     loss: bool = False                    # items.ce_loss: mean next-token CE (nats) over user-role tokens
     logits: bool = True                   # False: stop the forward after the last stored layer (no P("I"))
 
     # fields added later are hashed into run ids only when not at their default, so older runs keep their ids
-    _HASHED_WHEN_SET = ("loss", "logits")
+    _HASHED_WHEN_SET = ("loss", "logits", "sae_rows")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -55,6 +57,15 @@ class ExtractSettings:
         if not self.logits and (self.generate or self.save_logits or self.loss):
             raise UsageError("a run without logits cannot generate, save logits or measure loss")
 
+    def hashed(self) -> dict[str, Any]:
+        """As the base, except that runs without sae_acts rows hash as they did before the flag existed
+        (a threshold no latent reaches, 1e30), so their run ids hold."""
+        out = super().hashed()
+        if not self.sae_rows:
+            del out["sae_rows"]
+            out["threshold"] = 1e30
+        return out
+
     @property
     def last_n(self) -> int | None:
         """N of "last:N", None for "all"."""
@@ -65,34 +76,7 @@ class ExtractSettings:
             raise UsageError(f"--positions must be 'all' or 'last:N' (N >= 1), got {self.positions!r}")
         return int(n)
 
-    def hashed(self) -> dict[str, Any]:
-        """The settings as hashed into a run id."""
-        defaults = {f.name: f.default for f in fields(self)}
-        return {k: v for k, v in asdict(self).items() if k not in self._HASHED_WHEN_SET or v != defaults[k]}
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ExtractSettings":
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UsageError(f"unknown extract settings: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-
-
-@dataclass(frozen=True)
-class SaeRef:
-    """An SAE in use at one layer: the loaded module and where it came from."""
-
-    layer: int
-    source: str
-    sae: Any = field(compare=False, repr=False)
-
-    @property
-    def sae_id(self) -> str:
-        return hashlib.sha256(f"{self.source}\x00{self.layer}".encode()).hexdigest()[:12]
-
-    @property
-    def d_sae(self) -> int:
-        return int(self.sae.cfg.d_sae)
 
 
 @dataclass(frozen=True)
@@ -287,7 +271,7 @@ def _run_batch(model: LoadedModel, saes: Sequence[SaeRef], settings: ExtractSett
                zip(np.cumsum([0] + [len(p) for _, _, p in rows[:-1]]), (r[1] for r in rows)))
     arrays = [(f"resid/{layer}", first_row, _gather(acts[layer], rows, pad).float().cpu().numpy().astype(resid_np))
               for layer in settings.layers]
-    sae_rows = _sae_rows(run_id, acts, sae_by_layer, rows, pad, settings.threshold)
+    sae_rows = _sae_rows(run_id, acts, sae_by_layer if settings.sae_rows else {}, rows, pad, settings.threshold)
     tables = {
         "items": _items_rows(run_id, items, batch, row_start, rows, p_i, probs, completions, ce),
         "tokens": _token_rows(run_id, items, batch, rows),

@@ -46,6 +46,7 @@ from extract.models import LoadedModel
 from extract.run import ExtractSettings, extract, make_items
 from extract.saes import load_sae
 from store.errors import UsageError
+from store.settings import Settings
 from store.store import Store, code_version
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu")
@@ -55,7 +56,7 @@ CHAT_ROWS_PER_PROMPT = 20            # about how many non-template rows a chat p
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(Settings):
     layers: tuple[int, ...]
     width: int = 4096
     k: int = 32
@@ -93,9 +94,6 @@ class TrainSettings:
         """What makes an SAE: everything but the layer list (one layer's SAE does not depend on the others)."""
         raw = {k: v for k, v in asdict(self).items() if k != "layers"}
         return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:10]
-
-
-QUICK = dict(tokens=24_000, epochs=1.0, eval_windows=12, ce_windows=4)
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
@@ -438,9 +436,25 @@ def quality_table(results: Sequence[LayerResult]) -> pl.DataFrame:
                          for r in results])
 
 
-def settings_with_profile(quick: bool, **overrides) -> TrainSettings:
-    """TrainSettings from the defaults, the --quick profile, then explicit overrides (None = not given)."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    base = {**(QUICK if quick else {}), **given}
-    return TrainSettings(**base)
+def summary_line(results: Sequence[LayerResult]) -> str:
+    """One line: SAEs trained and reused, at which layers, and their held-out FVU."""
+    n_reused = sum(r.reused for r in results)
+    fvu = [r.metrics["fvu"] for r in results]
+    layers = [r.layer for r in results]
+    return (f"{len(results) - n_reused} SAEs trained, {n_reused} reused at layers {layers[0]}..{layers[-1]}; "
+            f"held-out FVU {min(fvu):.3f}..{max(fvu):.3f}")
 
+
+def detail_lines(results: Sequence[LayerResult], settings: TrainSettings) -> list[str]:
+    """The quality table: FVU, L0, dead latents and spliced-in CE per layer."""
+    lines = [f"{settings.architecture}, width {settings.width}, k {settings.k}, settings {settings.settings_hash()}; "
+             "held-out WikiText-2, ordinary positions:",
+             f"{'layer':>5} {'FVU':>6} {'L0':>6} {'dead':>6} {'dCE':>7} {'dCE0':>7} {'ratio':>6} {'massive':>8} {'rows':>7}"]
+    for r in results:
+        m = r.metrics
+        lines.append(f"{r.layer:>5} {m['fvu']:>6.3f} {m['l0']:>6.1f} {m['dead_frac']:>6.1%} {m['ce_increase']:>7.3f} "
+                     f"{m['ce_zero_increase']:>7.3f} {m['ce_ratio']:>6.3f} {m['massive_rel_err']:>8.3f} "
+                     f"{m['n_train_rows']:>7}{'  (reused)' if r.reused else ''}")
+    lines.append("dCE: loss increase with the reconstruction spliced in; dCE0: with zero-ablation; massive: "
+                 "relative error on position-0 / massive-norm rows (excluded from training)")
+    return lines

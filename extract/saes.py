@@ -12,8 +12,11 @@ and are used only through `sae.encode`, `sae.decode` and `sae.W_dec`:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub.errors import EntryNotFoundError
@@ -21,7 +24,10 @@ from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.util import dtype_to_str
 
+from extract.layers import parse_layers
+from extract.models import REGISTRY, LoadedModel
 from store.errors import UsageError
+from store.store import Store
 
 # release -> sae_id template, so that `load_sae(release, layer=L)` works for the paper's SAEs
 KNOWN_SAE_IDS = {
@@ -125,3 +131,60 @@ def decoder_rows(sae: SAE, features: Sequence[int] | torch.Tensor) -> torch.Tens
     if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
         rows = rows / rows.norm(dim=-1, keepdim=True)
     return rows
+
+
+@dataclass(frozen=True)
+class SaeRef:
+    """An SAE in use at one layer: the loaded module and where it came from."""
+
+    layer: int
+    source: str
+    sae: Any = field(compare=False, repr=False)
+
+    @property
+    def sae_id(self) -> str:
+        return hashlib.sha256(f"{self.source}\x00{self.layer}".encode()).hexdigest()[:12]
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.sae.cfg.d_sae)
+
+
+def resolve_saes(store: Store, model: LoadedModel, explicit: tuple[str, ...], sae_layers: str) -> list[SaeRef]:
+    """SAEs for this run: explicit LAYER=SOURCE, else the registry's release, else the store's trained ones."""
+    sources: dict[int, str] = {}
+    for entry in explicit:
+        layer, sep, source = entry.partition("=")
+        if not sep or not layer.strip().isdigit():
+            raise UsageError(f"--sae must be LAYER=SOURCE (e.g. 12=stores/default/saes/layer_12), got {entry!r}")
+        sources[int(layer)] = source.strip()
+    wanted = parse_layers(sae_layers, model.n_layers)
+    spec = REGISTRY.get(model.name)
+    trained = trained_saes(store, model.name)
+    for layer in wanted:
+        if layer in sources:
+            continue
+        if spec is not None and spec.sae_release:
+            sources[layer] = f"{spec.sae_release}:{spec.sae_id(layer)}"
+        elif layer in trained:
+            sources[layer] = trained[layer]
+        else:
+            raise UsageError(f"no SAE for {model.name} layer {layer}; train one with "
+                             f"`python cli.py sae train --model {model.name} --layers {layer}` or pass --sae")
+    if not explicit and not sae_layers:
+        sources = dict(trained)                 # after `sae train`, the store's SAEs are the default
+    refs = []
+    for layer, source in sorted(sources.items()):
+        refs.append(SaeRef(layer, source, load_sae(source, layer=layer, device=model.device)))
+    return refs
+
+
+
+
+def trained_saes(store: Store, model: str) -> dict[int, str]:
+    """layer -> directory of the store's own trained SAE for `model` (newest per layer)."""
+    df = store.sql("SELECT layer, source FROM saes WHERE model = ? AND architecture <> 'external' "
+                   "AND source NOT LIKE '%:%' ORDER BY created_at", [model])
+    # trained SAEs live inside the store and are registered relative to it
+    return {int(layer): source if Path(source).is_absolute() else str(store.path / source)
+            for layer, source in df.iter_rows()}

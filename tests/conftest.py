@@ -44,3 +44,9 @@ def tiny_model_dirs(tmp_path_factory):
 def tiny_model_dir(request, tiny_model_dirs):
     """A tiny model directory; parametrize indirectly with the arch ("llama", "gemma2", "qwen2")."""
     return tiny_model_dirs(getattr(request, "param", "qwen2"))
+
+
+def assert_one_error(result, line: str) -> None:
+    """A CLI result that failed with exit 2 and exactly this one line on stderr."""
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [line], result.stderr

@@ -150,7 +150,7 @@ def test_loss_setting_keeps_old_run_ids_and_raw_items_hash_apart(tmp_path, tiny_
 
 
 def test_settings_round_trip_and_validation():
-    s = CostsSettings(n_alpaca=3, conditions=("baseline", "feature_ablation"), max_sets=4)
+    s = CostsSettings(n_alpaca=3, conditions=("baseline", "feature_ablation"), max_prompts=4)
     assert CostsSettings.from_dict(asdict(s)) == s
     assert CostsSettings.from_dict({"conditions": ["baseline"]}).conditions == ("baseline",)
     with pytest.raises(UsageError, match="unknown costs settings"):

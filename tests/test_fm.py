@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 import torch
 
-from analyze import fm, fm_data, probe, stage3
+from analyze import fm, fm_data, plots, probe, stage3
 from analyze.fm import FactorizationMachine, FmSettings
 from analyze.fm_data import FmData
 from analyze.probe import ProbeSettings
@@ -282,7 +282,7 @@ def test_stage3_fits_caches_and_sweeps(tmp_path, tiny, tiny_saes):
                      "ORDER BY prompt_id", [lax.sweep_id])
     top1 = ranked.filter((pl.col("ranker") == "fm") & (pl.col("rank") == 1)).sort("prompt_id")
     assert sets.rows() == top1.select("prompt_id", "layer", "feature").rows() and lax.n_stage3_sets == 2
-    png = stage3.plot_asr(result.asr, tmp_path / "asr.png")
+    png = plots.stage3_asr_plot(result.asr, tmp_path / "asr.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -291,7 +291,7 @@ def test_cli_analyze_fm_needs_layers_or_a_direction(tmp_path, tiny_model_dir):
 
     from cli import app
 
-    out = CliRunner().invoke(app, ["analyze", "fm", "--no-sweep", "--model", str(tiny_model_dir),
+    out = CliRunner().invoke(app, ["analyze", "stage3", "--no-sweep", "--model", str(tiny_model_dir),
                                    "--store", str(tmp_path / "s")])
     assert out.exit_code == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: no direction analysis for ")

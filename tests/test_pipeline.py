@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from analyze import pipeline, stage3
 from analyze.candidates import CandidateSettings
+from analyze.controls import ControlsSettings
 from analyze.costs import CostsSettings
 from analyze.fm import FmSettings
 from analyze.pipeline import STAGES, PipelineSettings
@@ -19,6 +20,7 @@ from analyze.report import ReportSettings
 from analyze.stage3 import Stage3Settings
 from cli import app
 from extract import sae_train
+from extract.layers import parse_layers
 from extract.models import load_model
 from store import Store, UsageError
 from tests.planted import build_planted, direction_settings
@@ -45,13 +47,13 @@ def tiny_settings(planted, out, **overrides) -> PipelineSettings:
         "candidates": CandidateSettings(dataset=str(planted.harmful), split="train", n_prompts=4, ks=(8, 16, 32),
                                         judge="p_i"),
         "prune": PruneSettings(taus=(0.2, 0.5), seeds=(0,), max_prompts=2, judge="p_i"),
-        "fm": Stage3Settings(harmful=str(planted.harmful), benign=str(planted.benign), limit=40,
+        "stage3": Stage3Settings(harmful=str(planted.harmful), benign=str(planted.benign), limit=40,
                              fm=FmSettings(epochs=3, device="cpu"), diagnostic_embeddings=(5,), ks=(4, 8),
                              probe_ks=(4,), judge="p_i", max_prompts=2),
         "redundancy": RedundancySettings(judge="p_i", clamp_values=(4.0,), clamp_generate=4, max_prompts=2,
                                          batch_size=8),
-        "controls": {"ks": [1, 2]},
-        "costs": CostsSettings(n_alpaca=3, n_text=2, window=16, n_xstest=3, generate=3, batch_size=4, max_sets=2,
+        "controls": ControlsSettings(ks=(1, 2)),
+        "costs": CostsSettings(n_alpaca=3, n_text=2, window=16, n_xstest=3, generate=3, batch_size=4, max_prompts=2,
                                judge="p_i"),
         "n_coconot": 6, "report": ReportSettings(out=str(out), max_cards=2), **overrides})
 
@@ -100,7 +102,7 @@ def test_a_killed_job_resumes_at_the_stage_it_was_in(job, planted):
         assert "[7/10] controls: skipped (not available)" in second
     by_stage = {o.stage: o for o in result.stages}
     assert by_stage["direction"].outputs == {"layer": planted.layer}
-    assert by_stage["prune"].outputs["n_sets"] == 2 and by_stage["fm"].outputs["n_stage3_sets"] >= 1
+    assert by_stage["prune"].outputs["n_sets"] == 2 and by_stage["stage3"].outputs["n_stage3_sets"] >= 1
     assert result.report == store.path.parent / "report" / "report.html" and result.report.is_file()
     assert "Stage 2: pruned sets" in result.markdown.read_text()
     rows = store.sql("SELECT stage, profile, seconds FROM pipeline_stages")
@@ -154,7 +156,7 @@ def test_trained_saes_feed_every_stage(tmp_path, planted, model):
     assert (by_stage["prune"].status == "skipped") == (jailbroken == 0)
     if jailbroken == 0:
         assert by_stage["prune"].summary == "stage 1 jailbroke no prompt: nothing to prune"
-        assert by_stage["redundancy"].status == "skipped" and "no sweep" in by_stage["fm"].summary
+        assert by_stage["redundancy"].status == "skipped" and "no sweep" in by_stage["stage3"].summary
     assert first.report.is_file()
     again = pipeline.run(store, model, settings)
     assert {o.stage: o.status for o in again.stages if o.status != "skipped"} == \
@@ -162,27 +164,32 @@ def test_trained_saes_feed_every_stage(tmp_path, planted, model):
 
 
 def test_profiles_and_settings_round_trip(tmp_path, planted, model):
-    assert pipeline.quick_layers(24) == tuple(range(10, 16)) and pipeline.quick_layers(4) == (2,)
-    quick = pipeline.profile("quick", model, out=tmp_path / "r")
-    assert quick.sae.layers == (2,) and quick.sae.tokens == sae_train.QUICK["tokens"] and quick.prune.seeds == (0,)
+    assert parse_layers("5/12-5/8", 24, clamp=True) == tuple(range(10, 16))
+    assert parse_layers("5/12-5/8", 4, clamp=True) == (2,) and parse_layers("2-2/3", 24, clamp=True) == tuple(range(2, 17))
+    quick = pipeline.load_settings("quick", model, out=tmp_path / "r")
+    raw = json.loads((pipeline.PROFILE_DIR / "quick.json").read_text())
+    assert quick.sae.layers == (2,) and quick.sae.tokens == raw["sae"]["tokens"] and quick.prune.seeds == (0,)
     assert quick.direction.layers == (2,) and quick.report.out == str(tmp_path / "r")
-    default = pipeline.profile("default", model)
-    assert default.sae == sae_train.settings_with_profile(False, layers=sae_train.default_layers(4))
-    assert default.prune == PruneSettings() and default.fm == Stage3Settings() and default.n_coconot == 0
+    assert pipeline.load_settings(pipeline.profile_path("quick"), model, out=tmp_path / "r") == quick
+    default = pipeline.load_settings("default", model)
+    assert default.sae == sae_train.TrainSettings(layers=(2, 3))
+    assert default.prune == PruneSettings() and default.stage3 == Stage3Settings() and default.n_coconot is None
     for s in (quick, default, tiny_settings(planted, tmp_path)):
         assert PipelineSettings.from_dict(json.loads(json.dumps(asdict(s)))) == s
-    with pytest.raises(UsageError, match="unknown pipeline settings"):
+    with pytest.raises(UsageError, match="unknown setting 'prune_taus'"):
         PipelineSettings.from_dict({"prune_taus": [0.1]})
+    with pytest.raises(UsageError, match="setting 'prune.taus' must be a list of numbers"):
+        PipelineSettings.from_dict({"saes": ["1=x"], "prune": {"taus": "lots"}})
     with pytest.raises(UsageError, match="no SAEs"):
         PipelineSettings(sae=None, saes=())
-    with pytest.raises(UsageError, match="profile must be one of"):
-        pipeline.profile("fast", model)
+    with pytest.raises(UsageError, match="cannot read settings"):
+        pipeline.load_settings("fast", model)
     assert replace(quick, profile="x").profile == "x"
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--from", "stage9"], "error: --from must be one of saes, direction, candidates"),
-    (["--from", "fm", "--only", "costs"], "error: give --from or --only, not both"),
+    (["--from", "stage3", "--only", "costs"], "error: give --from or --only, not both"),
     (["--only", "prune"], "error: --only: stage saes has not run with these settings"),
     (["--quick", "--settings", "x.json"], "error: give --quick or --settings, not both"),
 ])

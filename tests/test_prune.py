@@ -159,7 +159,7 @@ def test_cli_runs_the_three_stages(planted, stage1, tmp_path):
     assert res.exit_code == 0, res.output
     assert "l* = 2" in res.stdout
     res = runner.invoke(app, ["analyze", "candidates", "--dataset", str(planted.harmful), "--split", "train",
-                              "--n-prompts", "4", "--k-max", "20", *common,
+                              "--n-prompts", "4", "--ks", "10,20", *common,
                               *[a for spec in planted.sae_specs for a in ("--sae", spec)]])
     assert res.exit_code == 0, res.output
     assert "4/4 refused, 4 jailbroken" in res.stdout

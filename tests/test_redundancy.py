@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from analyze import clamping, redundancy
-from analyze.common import save_analysis
+from analyze.catalog import save_analysis
 from analyze.prune import PruneSettings
 from analyze.redundancy import RedundancySettings
 from cli import app
@@ -68,7 +68,7 @@ def _seed_store(path, planted, model, saes, stage3: bool = True) -> Store:
     if stage3:                                            # a sweep is an `fm` analysis (migration 0004)
         s3 = pl.DataFrame([(pid, layer, f) for pid in ids for layer, f in STAGE3],
                           schema={"prompt_id": pl.String, "layer": pl.Int16, "feature": pl.Int32}, orient="row")
-        save_analysis(store, SWEEP_ID, "fm", model.name, PRUNE_ID, "p_i@0.5", PruneSettings(), {},
+        save_analysis(store, SWEEP_ID, "stage3", model.name, PRUNE_ID, "p_i@0.5", PruneSettings(), {},
                       {"feature_sets": ("set_id", s3.with_columns(
                           pl.lit(SWEEP_ID).alias("set_id"), pl.lit(3, pl.Int8).alias("stage"),
                           pl.lit(True).alias("selected")))})

@@ -1,0 +1,98 @@
+"""The catalog's analysis tables, read and written in one place.
+
+Analyses (`analyses` and the rows of their tables), the feature sets the stages select
+(`feature_sets`), and the main job's record of finished stages (`pipeline_stages`). Inserts name
+their columns (`BY NAME`). The stages' own bulk SQL (activation joins) stays beside the stage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any
+
+import polars as pl
+
+from store import Store, UsageError
+from store.store import code_version
+
+Feature = tuple[int, int]                              # (layer, feature)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def save_analysis(store: Store, analysis_id_: str, kind: str, model: str, parent: str | None, judge: str,
+                  settings: Any, metrics: dict[str, Any], tables: dict[str, tuple[str, pl.DataFrame]]) -> None:
+    """Replace the analysis row and its rows in `tables` ({table: (id column, frame)}) in one transaction."""
+    now = _now()
+    with store.transaction() as con:
+        con.execute("DELETE FROM analyses WHERE analysis_id = ?", [analysis_id_])
+        con.execute("INSERT INTO analyses (analysis_id, kind, model, parent_id, judge, settings, metrics, created_at, "
+                    "code_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [analysis_id_, kind, model, parent, judge, json.dumps(asdict(settings), sort_keys=True),
+                     json.dumps(metrics, sort_keys=True), now, code_version()])
+        for table, (column, frame) in tables.items():
+            con.execute(f"DELETE FROM {table} WHERE {column} = ?", [analysis_id_])
+            if frame.height:
+                con.register("incoming", frame.to_arrow())
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
+                con.unregister("incoming")
+
+
+def latest_analysis(store: Store, kind: str, model: str, analysis_id_: str | None) -> dict[str, Any]:
+    """The analyses row asked for, or the newest of that kind for the model; JSON columns decoded."""
+    if analysis_id_:
+        df = store.sql("SELECT * FROM analyses WHERE analysis_id = ? AND kind = ?", [analysis_id_, kind])
+        if df.is_empty():
+            raise UsageError(f"no {kind} analysis {analysis_id_} in {store.path}")
+    else:
+        df = store.sql("SELECT * FROM analyses WHERE kind = ? AND model = ? ORDER BY created_at DESC LIMIT 1",
+                       [kind, model])
+        if df.is_empty():
+            raise UsageError(f"no {kind} analysis for {model} in {store.path}; run "
+                             f"`python cli.py analyze {kind} --model {model} --store {store.path}` first")
+    row = df.row(0, named=True)
+    row["settings"] = json.loads(row["settings"])
+    row["metrics"] = json.loads(row["metrics"]) if row["metrics"] else {}
+    return row
+
+
+def feature_sets(store: Store, set_id: str, stage: int, selected: bool = True) -> dict[str, tuple[Feature, ...]]:
+    """prompt_id -> its (layer, feature) set of one analysis' stage (the selected set, unless `selected` is False)."""
+    df = store.sql("SELECT DISTINCT prompt_id, layer, feature FROM feature_sets WHERE set_id = ? AND stage = ? "
+                   + ("AND selected " if selected else "") + "ORDER BY ALL", [set_id, stage])
+    sets: dict[str, list[Feature]] = {}
+    for prompt_id, layer, feature in df.iter_rows():
+        sets.setdefault(prompt_id, []).append((int(layer), int(feature)))
+    return {p: tuple(f) for p, f in sets.items()}
+
+
+def has_feature_sets(store: Store, set_id: str | None = None, stage: int | None = None) -> bool:
+    """Whether the store holds selected feature sets (of one analysis, of one stage)."""
+    df = store.sql("SELECT 1 FROM feature_sets WHERE selected AND (? IS NULL OR set_id = ?) AND (? IS NULL OR stage = ?) "
+                   "LIMIT 1", [set_id, set_id, stage, stage])
+    return not df.is_empty()
+
+
+def recorded_stage(store: Store, model: str, stage: str, key: str) -> dict[str, Any] | None:
+    """The main job's record of a finished stage (result_id, outputs, summary, seconds), None if it has none."""
+    df = store.sql("SELECT result_id, outputs, summary, seconds FROM pipeline_stages "
+                   "WHERE model = ? AND stage = ? AND settings_hash = ?", [model, stage, key])
+    if df.is_empty():
+        return None
+    row = df.row(0, named=True)
+    return {**row, "outputs": json.loads(row["outputs"])}
+
+
+def record_stage(store: Store, model: str, stage: str, key: str, profile: str, result_id: str | None,
+                 outputs: dict[str, Any], summary: str, settings: Any, seconds: float) -> None:
+    """Replace the record of one finished stage."""
+    with store.transaction() as con:
+        con.execute("DELETE FROM pipeline_stages WHERE model = ? AND stage = ? AND settings_hash = ?", [model, stage, key])
+        con.execute("INSERT INTO pipeline_stages (model, stage, settings_hash, profile, result_id, outputs, summary, "
+                    "settings, seconds, finished_at, code_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+                        model, stage, key, profile, result_id, json.dumps(outputs, sort_keys=True), summary,
+                        json.dumps(settings, sort_keys=True, default=str), seconds, _now(), code_version()])
