@@ -13,7 +13,7 @@
    through the model); with only same-layer ablations the SAE re-reads its own edit (captures run
    after the intervention), which is not a backup circuit.
    Position 0 on the default model carries massive activations (norm ~2,266 against ~22): the
-   project's SAEs are trained without role='first' rows (issue 4), so a latent that "switches on"
+   project's SAEs are trained without role='first' rows (extract/sae_train.py), so a latent that "switches on"
    there may be an SAE reading a position it never saw. The shares without position 0 say how much
    of the effect survives outside it.
 4. Clamping (analyze/clamping.py): the features of item 3 (kept prompts) set to 2..10 on the
@@ -106,7 +106,7 @@ class RedundancyResult:
 
 
 def run(store: Store, model: LoadedModel, settings: RedundancySettings, log: Log = no_log) -> RedundancyResult:
-    """Items 1-5 of issue 7 over the model's stage-2 (and stage-3) sets; everything stored in redundancy_*."""
+    """Items 1-5 above over the model's stage-2 (and stage-3) sets; everything stored in redundancy_*."""
     judge = get_judge(settings.judge)
     prune_id = latest_analysis(store, "prune", model.name, settings.prune_id)["analysis_id"]
     sets = _limit(stage_sets(store, prune_id, 2), settings.max_prompts)

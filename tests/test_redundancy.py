@@ -1,4 +1,4 @@
-"""Redundancy (issue 7) on a tiny Llama with a planted backup circuit (tests/planted_backup.py).
+"""Redundancy on a tiny Llama with a planted backup circuit (tests/planted_backup.py).
 
 The stage-2 set of every harmful prompt is {A, R} (active) + {B, DEAD} (dormant); stage 3 is {X}.
 Expected from the wiring, not from the code under test: B (layer 2) switches on at position 0

@@ -1,4 +1,4 @@
-"""SAE training (issue 4): sae-lens training on store residuals, quality metrics, CLI, reuse by extraction."""
+"""SAE training: sae-lens training on store residuals, quality metrics, CLI, reuse by extraction."""
 import json
 import math
 

@@ -1,4 +1,4 @@
--- Stages 1 and 2 (issue 5): refusal direction, judges, candidate sets, pruning (Algorithm 1).
+-- Stages 1 and 2: refusal direction, judges, candidate sets, pruning (Algorithm 1).
 -- A feature is always the pair (layer, feature). Every number here was measured through
 -- extraction runs, so (run_id, item) points at the items row that holds P("I") and the completion.
 
@@ -85,7 +85,7 @@ CREATE TABLE pruning_steps (
 );
 
 -- Feature sets per prompt: stage 1 (the chosen K's candidates), stage 2 (kept under every seed, per tau),
--- stage 3 (issue 6). One row per feature.
+-- stage 3. One row per feature.
 CREATE TABLE feature_sets (
     set_id VARCHAR NOT NULL,         -- the analysis that made it (candidates_id, prune_id, sweep_id)
     stage TINYINT NOT NULL,

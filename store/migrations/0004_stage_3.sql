@@ -1,4 +1,4 @@
--- Stage 3 (issue 6): factorization machine, linear-probe baseline, the ablation sweep over top-K.
+-- Stage 3: factorization machine, linear-probe baseline, the ablation sweep over top-K.
 -- A sweep is an `analyses` row (migration 0003) with kind = 'fm', parent_id = its prune analysis
 -- (NULL when the stage-2 sets were passed in), its judge and settings; its id is the sweep_id below.
 -- Stage-3 sets go to `feature_sets` with stage = 3, set_id = sweep_id; verdicts to `judgements`.

@@ -1,4 +1,4 @@
--- Redundancy (issue 7): dormant "hydra" features of the stage-2 sets, clamping, stage-2/stage-3 links.
+-- Redundancy: dormant "hydra" features of the stage-2 sets, clamping, stage-2/stage-3 links.
 -- A feature is the pair (layer, feature). Every measurement points at an extraction run's item
 -- (items holds P("I") and the greedy completion; tokens and sae_acts hold the activations).
 -- A prompt's "clean run" is an extraction with the empty intervention at every token position.

@@ -1,4 +1,4 @@
--- Issue 8: what an intervention costs (cross-entropy, over-refusal), and feature explanations.
+-- What an intervention costs (cross-entropy, over-refusal), and feature explanations.
 
 -- Per-item cross-entropy, filled by extractions with ExtractSettings(loss=True) (NULL otherwise).
 ALTER TABLE items ADD COLUMN IF NOT EXISTS ce_loss FLOAT;       -- mean next-token CE (nats) over the item's user-role tokens

@@ -1,4 +1,4 @@
--- Issue 4: quality of the project's own trained SAEs, one row per SAE (see extract/sae_train.py).
+-- Quality of the project's own trained SAEs, one row per SAE (see extract/sae_train.py).
 -- "Ordinary" rows: every position except position 0 and rows whose residual norm exceeds
 -- massive_ratio x the layer's median norm (the massive activations), on held-out WikiText-2.
 CREATE TABLE IF NOT EXISTS sae_quality (

@@ -1,4 +1,4 @@
--- Issue 8: the main job's record of finished stages (`cli.py run`, analyze/pipeline.py), one row each.
+-- The main job's record of finished stages (`cli.py run`, analyze/pipeline.py), one row each.
 -- A rerun skips a stage whose key (its settings and the result ids of the stages it reads) is recorded
 -- here and whose result is still in the store; a stage killed midway has no row and runs again.
 CREATE TABLE IF NOT EXISTS pipeline_stages (

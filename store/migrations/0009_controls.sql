@@ -1,4 +1,4 @@
--- Controls (issue 8): the O'Brien et al. baseline beside the stage-2 sets' random-feature control.
+-- Controls: the O'Brien et al. baseline beside the stage-2 sets' random-feature control.
 -- O'Brien et al. ablate every SAE feature active on >= k tokens of the prompt; here over a stage-2 analysis'
 -- prompts, whose random control (set_checks, kind random) is read, not recomputed. The analysis itself is
 -- an `analyses` row of kind 'controls' whose parent_id is the prune analysis. Every measurement points at
