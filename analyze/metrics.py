@@ -119,3 +119,18 @@ def kappa_ci(truth: Sequence[str], pred: Sequence[str], n_boot: int = 2000, seed
     boot = _kappa_from_codes(t[rows], p[rows], n_labels)
     low, high = np.nanpercentile(boot, [2.5, 97.5])
     return Estimate(float(_kappa_from_codes(t, p, n_labels)), float(low), float(high))
+
+
+def kappa_difference(truth: Sequence[str], pred_a: Sequence[str], pred_b: Sequence[str],
+                     n_boot: int = 2000, seed: int = 0) -> Estimate:
+    """kappa(a) - kappa(b) on the same items, with a paired percentile-bootstrap 95% interval."""
+    _check(truth, pred_a)
+    _check(truth, pred_b)
+    labels = sorted(set(truth) | set(pred_a) | set(pred_b))
+    index = {label: i for i, label in enumerate(labels)}
+    t, a, b = (np.array([index[x] for x in seq]) for seq in (truth, pred_a, pred_b))
+    rows = np.random.default_rng(seed).integers(0, len(t), size=(n_boot, len(t)))   # [n_boot, n]
+    boot = _kappa_from_codes(t[rows], a[rows], len(labels)) - _kappa_from_codes(t[rows], b[rows], len(labels))
+    low, high = np.nanpercentile(boot, [2.5, 97.5])
+    value = _kappa_from_codes(t, a, len(labels)) - _kappa_from_codes(t, b, len(labels))
+    return Estimate(float(value), float(low), float(high))
