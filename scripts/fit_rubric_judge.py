@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analyze.judge_eval import load_gold  # noqa: E402
-from analyze.rubric import PARAMS_PATH, fit_rubric  # noqa: E402
+from analyze.judge_eval import load_gold
+from analyze.rubric import PARAMS_PATH, fit_rubric
 
 GOLD = Path(__file__).resolve().parents[1] / "data" / "judge_gold" / "gold_shared.jsonl"
 

@@ -7,10 +7,24 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from analyze.judge_eval import agreement_table, evaluate_judges, load_gold, summary_lines
+from analyze.judge_eval import (
+    agreement_table,
+    evaluate_judges,
+    load_gold,
+    summary_lines,
+)
 from analyze.judges import JudgeInput, get_judge
-from analyze.metrics import (Z95, accuracy, cohen_kappa, kappa_ci, kappa_difference, precision, rate_text, recall,
-                             wilson)
+from analyze.metrics import (
+    Z95,
+    accuracy,
+    cohen_kappa,
+    kappa_ci,
+    kappa_difference,
+    precision,
+    rate_text,
+    recall,
+    wilson,
+)
 from analyze.rubric import PARAMS_PATH, RubricJudge, fit_rubric
 from extract.datasets import DATA_DIR
 from store import UsageError
@@ -191,7 +205,7 @@ def test_rubric_weights_are_the_train_fit_and_hashed(tmp_path):
     with pytest.raises(UsageError, match="fitted for other features"):
         RubricJudge(tmp_path / "old.json").judge([JudgeInput("q", "c", 0.0)])
     with pytest.raises(UsageError, match="fit_rubric_judge.py"):
-        RubricJudge(tmp_path / "absent.json").judge_id
+        _ = RubricJudge(tmp_path / "absent.json").judge_id
 
 
 def test_existing_judge_ids_are_unchanged():
