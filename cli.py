@@ -7,6 +7,7 @@ a mistyped --store fails at once and creates nothing.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders: train the model's own SAEs.")
 app.add_typer(sae_app, name="sae")
 app.add_typer(analyze_app, name="analyze")
+judge_app = typer.Typer(no_args_is_help=True, help="Judges: how well each one agrees with labelled completions.")
+app.add_typer(judge_app, name="judge")
 
 @app.command()
 def extract(
@@ -51,7 +54,8 @@ def extract(
             model=model, datasets=tuple(dataset) or None, seed=seed, layers=layers, positions=positions,
             saes=tuple(sae) or None, sae_layers=sae_layers, intervention=str(intervention) if intervention else None,
             generate=generate, save_logits=save_logits, batch_size=batch_size, device=device, dtype=dtype,
-            **({"limit": limit or None} if limit is not None else {}))
+            limit=limit or None)
+        req = replace(req, limit=None) if limit == 0 else req            # --limit 0: every prompt
         summary = request.run_extract(store, req, log=_log)
     typer.echo(request.summary_line(summary))
     for line in request.detail_lines(summary):
@@ -157,6 +161,25 @@ def report(
     if failed:
         typer.echo(f"error: {len(failed)} report sections failed: {', '.join(failed)}", err=True)
         raise typer.Exit(1)
+
+
+@judge_app.command("eval")
+def judge_eval(
+    gold: Path = typer.Option(..., "--gold", help="JSONL with prompt, completion, label (and optional split)."),
+    judges: str = opt("--judges", "Comma-separated judges to score.", "content,phrase,rubric,p_i"),
+    split: Optional[str] = opt("--split", "Score only this split (train or test) [default: every row]."),
+) -> None:
+    """Accuracy, Cohen's kappa and compliance precision/recall of each judge against labels, with 95% CIs.
+
+    Example: python cli.py judge eval --gold data/judge_gold/gold_shared.jsonl --split test
+    """
+    from analyze.judge_eval import evaluate_judges, load_gold, summary_lines
+    from analyze.settings import JudgedSettings
+
+    with user_errors():
+        result = evaluate_judges(load_gold(gold), [j.strip() for j in judges.split(",") if j.strip()], split=split)
+    for line in summary_lines(result, JudgedSettings().judge):
+        typer.echo(line)
 
 
 @app.command("run")

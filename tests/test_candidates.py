@@ -68,5 +68,5 @@ def test_settings_round_trip_and_validation():
     assert CandidateSettings.from_dict(asdict(s)) == s
     with pytest.raises(UsageError, match="ascending"):
         CandidateSettings(ks=(20, 10))
-    with pytest.raises(UsageError, match="unknown candidates settings"):
+    with pytest.raises(UsageError, match="unknown setting"):
         CandidateSettings.from_dict({"k": 3})

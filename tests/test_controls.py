@@ -162,7 +162,7 @@ def test_settings_round_trip_and_validation():
                 {"max_prompts": 0}, {"batch_size": 0}):
         with pytest.raises(UsageError):
             ControlsSettings(**bad)
-    with pytest.raises(UsageError, match="unknown controls settings"):
+    with pytest.raises(UsageError, match="unknown setting"):
         ControlsSettings.from_dict({"k": 3})
 
 
@@ -177,7 +177,7 @@ def test_cli(planted, stage2, tmp_path):
         f"`python cli.py analyze prune --model {planted.model_dir} --store {tmp_path / 'empty'}` first"]
     res = runner.invoke(app, ["analyze", "controls", "--model", str(planted.model_dir), "--ks", "1,x",
                               "--store", str(stage2[0].path)])
-    assert res.exit_code == 2 and res.stderr.strip() == "error: --ks must be a comma-separated list, got '1,x'"
+    assert res.exit_code == 2 and res.stderr.strip() == "error: --ks must be a comma-separated list of integers, got 'x'"
     res = runner.invoke(app, ["analyze", "controls", "--model", str(planted.model_dir), "--ks", "1,64",
                               "--store", str(stage2[0].path)])
     assert res.exit_code == 0, res.output

@@ -153,7 +153,7 @@ def test_settings_round_trip_and_validation():
     s = CostsSettings(n_alpaca=3, conditions=("baseline", "feature_ablation"), max_prompts=4)
     assert CostsSettings.from_dict(asdict(s)) == s
     assert CostsSettings.from_dict({"conditions": ["baseline"]}).conditions == ("baseline",)
-    with pytest.raises(UsageError, match="unknown costs settings"):
+    with pytest.raises(UsageError, match="unknown setting"):
         CostsSettings.from_dict({"n_pile": 3})
     with pytest.raises(UsageError, match="conditions"):
         CostsSettings(conditions=("steering",))

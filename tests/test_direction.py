@@ -75,7 +75,7 @@ def test_settings_round_trip_and_validation():
     s = DirectionSettings(layers=(3, 5), add_scale=2.5, judge="p_i@0.3")
     assert DirectionSettings.from_dict(asdict(s)) == s
     assert DirectionSettings.from_dict({"layers": [1, 2]}).layers == (1, 2)
-    with pytest.raises(UsageError, match="unknown direction settings"):
+    with pytest.raises(UsageError, match="unknown setting"):
         DirectionSettings.from_dict({"layer": 3})
     with pytest.raises(UsageError, match="unknown judge"):
         DirectionSettings(judge="gpt4")

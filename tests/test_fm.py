@@ -75,9 +75,9 @@ def test_settings_round_trip(settings):
 
 
 def test_settings_reject_unknown_and_bad_values():
-    with pytest.raises(UsageError, match="unknown stage-3 settings"):
+    with pytest.raises(UsageError, match="unknown setting"):
         Stage3Settings.from_dict({"kz": [1]})
-    with pytest.raises(UsageError, match="unknown FM settings"):
+    with pytest.raises(UsageError, match="unknown setting"):
         Stage3Settings.from_dict({"fm": {"embeding": 5}})
     with pytest.raises(UsageError, match="ascending"):
         Stage3Settings(ks=(200, 100))
@@ -269,7 +269,7 @@ def test_stage3_fits_caches_and_sweeps(tmp_path, tiny, tiny_saes):
         assert ablated == expected and n_ablated == len(expected)
         assert not set(top.select("layer", "feature").rows()) & set(stage2[pid])
     assert store.sql("SELECT kind, parent_id FROM analyses WHERE analysis_id = ?", [result.sweep_id]).rows() == \
-        [("fm", None)]
+        [("stage3", None)]
     n_judged = store.sql("SELECT count(*) AS n FROM judgements j JOIN stage3_outcomes o USING (run_id, item) "
                          "WHERE o.sweep_id = ? AND j.judge = ?", [result.sweep_id, result.judge])["n"][0]
     assert n_judged == out.height
@@ -291,6 +291,7 @@ def test_cli_analyze_fm_needs_layers_or_a_direction(tmp_path, tiny_model_dir):
 
     from cli import app
 
+    Store.create(tmp_path / "s")
     out = CliRunner().invoke(app, ["analyze", "stage3", "--no-sweep", "--model", str(tiny_model_dir),
                                    "--store", str(tmp_path / "s")])
     assert out.exit_code == 2

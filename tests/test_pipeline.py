@@ -149,7 +149,7 @@ def test_trained_saes_feed_every_stage(tmp_path, planted, model):
     assert trained["layer"].to_list() == [2, 3]
     specs = [f"{layer}={store.path / source}" for layer, source in trained.iter_rows()]
     assert by_stage["saes"].status == "ran" and by_stage["saes"].outputs == {"saes": specs}
-    assert by_stage["saes"].summary.startswith("2 SAEs trained, 0 reused (topk, width 32, k 4) at layers 2..3")
+    assert by_stage["saes"].summary.startswith("2 SAEs trained, 0 reused at layers 2..3")
     used = store.sql("SELECT settings FROM analyses WHERE analysis_id = ?", [by_stage["candidates"].result_id])
     assert json.loads(used["settings"][0])["saes"] == specs
     jailbroken = by_stage["candidates"].outputs["n_jailbroken"]

@@ -151,6 +151,7 @@ def test_settings_round_trip_and_validation():
 def test_cli_runs_the_three_stages(planted, stage1, tmp_path):
     runner = CliRunner()
     common = ["--model", str(planted.model_dir), "--judge", "p_i"]
+    Store.create(tmp_path / "empty")
     res = runner.invoke(app, ["analyze", "prune", *common, "--store", str(tmp_path / "empty")])
     assert res.exit_code == 2 and "error: no candidates analysis" in res.stderr
     common += ["--store", str(stage1[0].path)]                  # the fixture's store: its runs are cache hits

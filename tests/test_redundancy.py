@@ -89,7 +89,7 @@ def test_settings_round_trip():
                 {"benign_prompts": ()}):
         with pytest.raises(UsageError):
             RedundancySettings(**bad)
-    with pytest.raises(UsageError, match="unknown redundancy settings"):
+    with pytest.raises(UsageError, match="unknown setting"):
         RedundancySettings.from_dict({"tau": 1})
 
 
@@ -201,6 +201,7 @@ def test_without_stage3_and_cli(tmp_path, planted, model, saes):
 
 
 def test_cli_without_stage2_sets(tmp_path, planted):
+    Store.create(tmp_path / "empty")
     res = CliRunner().invoke(app, ["analyze", "redundancy", "--model", str(planted.model_dir),
                                    "--store", str(tmp_path / "empty"), "--judge", "p_i"])
     assert res.exit_code == 2

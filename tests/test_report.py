@@ -114,5 +114,5 @@ def test_cli_report(tmp_path):
 def test_settings_round_trip():
     s = ReportSettings(out="x", max_cards=3)
     assert ReportSettings.from_dict(asdict(s)) == s
-    with pytest.raises(UsageError, match="unknown report settings"):
+    with pytest.raises(UsageError, match="unknown setting"):
         ReportSettings.from_dict({"title": "x"})

@@ -83,7 +83,7 @@ def test_explanations_bad_files(tmp_path, content, message):
 def test_settings_round_trip():
     s = TaxonomySettings(level="subcategory", min_prompts=3, features="all")
     assert TaxonomySettings.from_dict(asdict(s)) == s
-    with pytest.raises(UsageError, match="unknown taxonomy settings"):
+    with pytest.raises(UsageError, match="unknown setting"):
         TaxonomySettings.from_dict({"levels": "x"})
     with pytest.raises(UsageError, match="level"):
         TaxonomySettings(level="topic")
