@@ -9,6 +9,7 @@ files beside its Zarr arrays (see `store.runs`) and merges them in one transacti
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from contextlib import contextmanager
@@ -27,6 +28,10 @@ CATALOG = "catalog.duckdb"
 ARRAYS = "arrays.zarr"
 STAGING = "staging"
 LOCK_TIMEOUT_S = 30.0
+CATALOG_ALIAS = "catalog"        # the name a user query sees the catalog under (ATTACH ... AS catalog)
+# what a user query may be: one statement that only reads (DESCRIBE, SUMMARIZE, SHOW parse as SELECT)
+READ_ONLY_HELP = "SELECT, WITH, DESCRIBE, SUMMARIZE, SHOW, EXPLAIN or PRAGMA table_info"
+READ_ONLY_PRAGMAS = ("table_info", "show_tables", "show_tables_expanded")
 
 
 def code_version() -> str:
@@ -125,21 +130,41 @@ class Store:
     def connect(self, read_only: bool | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived catalog connection; waits up to LOCK_TIMEOUT_S for another writer."""
         ro = self.read_only if read_only is None else read_only
+        con = self._retry_locked(lambda: duckdb.connect(str(self.path / CATALOG), read_only=ro))
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def sandboxed(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection for user SQL: the catalog attached read-only, then no file, network or settings.
+
+        An in-memory database attaches the catalog and `USE`s it, then turns external access off
+        and locks the configuration: COPY, ATTACH, read_csv/read_text/glob, INSTALL/LOAD all fail.
+        """
+        con = duckdb.connect(":memory:")
+        try:
+            catalog = str(self.path / CATALOG).replace("'", "''")
+            self._retry_locked(lambda: con.execute(f"ATTACH '{catalog}' AS {CATALOG_ALIAS} (READ_ONLY)"))
+            con.execute(f"USE {CATALOG_ALIAS}")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            yield con
+        finally:
+            con.close()
+
+    def _retry_locked(self, open_: Any) -> Any:
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         delay = 0.02
         while True:
             try:
-                con = duckdb.connect(str(self.path / CATALOG), read_only=ro)
-                break
+                return open_()
             except duckdb.Error as err:
                 if not _is_lock_error(err) or time.monotonic() > deadline:
                     raise StoreError(f"store {self.path} is busy or unreadable: {_one_line(err)}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
-        try:
-            yield con
-        finally:
-            con.close()
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -167,6 +192,16 @@ class Store:
                 con.register(name, frame.to_arrow())
             try:
                 rel = con.sql(query, params=params or None)
+                return pl.DataFrame() if rel is None else rel.pl()
+            except duckdb.Error as err:
+                raise UsageError(f"SQL error: {_one_line(err)}") from None
+
+    def read_only_sql(self, query: str) -> pl.DataFrame:
+        """Run one user query (`cli.py sql`): a single reading statement, sandboxed (see `sandboxed`)."""
+        check_read_only(query)
+        with self.sandboxed() as con:
+            try:
+                rel = con.sql(query)
                 return pl.DataFrame() if rel is None else rel.pl()
             except duckdb.Error as err:
                 raise UsageError(f"SQL error: {_one_line(err)}") from None
@@ -215,6 +250,33 @@ class Store:
             block = arr[lo:hi]
             return np.asarray(block[rows - lo])
         return np.asarray(arr.get_orthogonal_selection((rows,)))
+
+
+def check_read_only(query: str) -> None:
+    """Refuse (UsageError) anything but one statement that only reads the catalog."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as err:
+        raise UsageError(f"SQL error: {_one_line(err)}") from None
+    if len(statements) != 1:
+        raise UsageError(f"give exactly one read-only SQL statement ({READ_ONLY_HELP}), got {len(statements)}")
+    statement = statements[0]
+    kind = statement.type
+    text = statement.query.strip().rstrip(";").strip()
+    if kind == duckdb.StatementType.EXPLAIN:            # EXPLAIN [ANALYZE] runs its statement: check that one
+        inner = re.sub(r"^explain(\s+analy[sz]e)?\s+", "", text, flags=re.IGNORECASE)
+        if inner == text:
+            raise UsageError(f"cannot read the EXPLAIN statement; only read-only SQL is allowed ({READ_ONLY_HELP})")
+        check_read_only(inner)
+        return
+    if kind == duckdb.StatementType.PRAGMA:
+        name = re.match(r"pragma\s+(\w+)", text, flags=re.IGNORECASE)
+        if name and name.group(1).lower() in READ_ONLY_PRAGMAS:
+            return
+        raise UsageError(f"the store's SQL is read-only: only PRAGMA {', '.join(READ_ONLY_PRAGMAS)} are allowed")
+    if kind != duckdb.StatementType.SELECT:
+        raise UsageError(f"the store's SQL is read-only: {kind.name} statements are refused; "
+                         f"use {READ_ONLY_HELP}")
 
 
 def _one_line(err: Exception) -> str:
