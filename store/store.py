@@ -21,7 +21,8 @@ import numpy as np
 import polars as pl
 import zarr
 
-from store.errors import StoreError, UsageError
+from store.chunks import ZARR_CONFIG, chunk_keys, chunk_problems, decode_problem
+from store.errors import StoreDamaged, StoreError, UsageError
 from store.schema import FORMAT_VERSION, MIGRATIONS
 
 CATALOG = "catalog.duckdb"
@@ -122,8 +123,11 @@ class Store:
         done = int(meta.get("schema_version", 0))
         for version, sql in enumerate(MIGRATIONS[done:], start=done + 1):
             with self.transaction() as con:
-                con.execute(sql)
-                con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
+                # another process opening the store for writing may have applied it meanwhile
+                now = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0]
+                if int(now) < version:
+                    con.execute(sql)
+                    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
 
     # ---- connections ---------------------------------------------------------------------
     @contextmanager
@@ -228,6 +232,10 @@ class Store:
         return row
 
     # ---- arrays --------------------------------------------------------------------------
+    def run_arrays(self, run_id: str) -> Path:
+        """The directory of one run's arrays: arrays.zarr/runs/<run_id>."""
+        return self.path / ARRAYS / "runs" / run_id
+
     def array_path(self, run_id: str, name: str) -> Path:
         """Where one run's array lives: arrays.zarr/runs/<run_id>/<name>."""
         return self.path / ARRAYS / "runs" / run_id / name
@@ -236,20 +244,42 @@ class Store:
         path = self.array_path(run_id, name)
         if not (path / "zarr.json").exists():
             raise StoreError(f"no array {name} for run {run_id} in {self.path}")
-        return zarr.open_array(str(path), mode="r")
+        return zarr.open_array(str(path), mode="r", config=ZARR_CONFIG)
 
     def read_rows(self, run_id: str, name: str, rows: np.ndarray) -> np.ndarray:
-        """Gather rows of one run's array (rows need not be sorted or unique)."""
+        """Gather rows of one run's array (rows need not be sorted or unique).
+
+        Raises StoreDamaged when a chunk file holding any of the rows is missing or unreadable.
+        """
         arr = self.open_array(run_id, name)
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
-        order = np.argsort(rows, kind="stable")
-        lo, hi = int(rows[order[0]]), int(rows[order[-1]]) + 1
-        if hi - lo <= 4 * rows.size:                  # dense enough: one slice read is cheaper
-            block = arr[lo:hi]
-            return np.asarray(block[rows - lo])
-        return np.asarray(arr.get_orthogonal_selection((rows,)))
+        if rows.min() < 0 or rows.max() >= arr.shape[0]:
+            raise StoreError(f"rows {int(rows.min())}..{int(rows.max())} are outside run {run_id}'s "
+                             f"{name} (0..{arr.shape[0] - 1})")
+        touched = np.unique(rows // arr.chunks[0]).tolist()
+        for problem in chunk_problems(arr, self.array_path(run_id, name), touched):
+            raise self.damaged(run_id, name, problem.file, problem.problem)
+        try:
+            order = np.argsort(rows, kind="stable")
+            lo, hi = int(rows[order[0]]), int(rows[order[-1]]) + 1
+            if hi - lo <= 4 * rows.size:              # dense enough: one slice read is cheaper
+                block = arr[lo:hi]
+                return np.asarray(block[rows - lo])
+            return np.asarray(arr.get_orthogonal_selection((rows,)))
+        except Exception:                             # a chunk that is there but does not decode
+            for coords, key in chunk_keys(arr, touched):
+                why = decode_problem(arr, coords)
+                if why:
+                    raise self.damaged(run_id, name, self.array_path(run_id, name) / key, why) from None
+            raise
+
+    def damaged(self, run_id: str, name: str, file: Path, problem: str) -> StoreDamaged:
+        """The one-line error for a damaged chunk file of a run's array."""
+        what = f"layer {name.split('/')[1]} ({name})" if name.startswith("resid/") else f"array {name}"
+        return StoreDamaged(f"store damaged: run {run_id} {what}: {file} is {problem}; run "
+                            f"`python cli.py store check --repair --store {self.path}`, then the same extract again")
 
 
 def check_read_only(query: str) -> None:

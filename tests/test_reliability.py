@@ -4,14 +4,24 @@ import sys
 from pathlib import Path
 
 import duckdb
+import polars as pl
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cli import app
+from extract.datasets import Prompt, prompt_id
+from extract.models import load_model
+from extract.run import ExtractSettings, extract, make_items
 from queries.run import named_queries, run_query
+from queries.tensors import residuals
 from store import Store, UsageError
+from store.check import check_store, summary_lines
+from store.errors import StoreDamaged
 
 sys.path.insert(0, str(Path(__file__).parent))
+from store_worker import D_MODEL  # noqa: E402
+from test_extract import TEXTS  # noqa: E402
 from test_store import write_run  # noqa: E402
 
 
@@ -101,3 +111,101 @@ def test_named_queries_go_through_the_same_checks(sql_store):
         run_query(path, None, name)                             # each is one reading statement
     with pytest.raises(UsageError, match="read-only"):
         run_query(path, "COPY runs TO 'x.csv'", None)
+
+
+# ---- 2. a missing or truncated chunk is named, never read as zeros -------------------------------
+
+def damaged_store(tmp_path):
+    """A committed run of 3 Zarr chunks (rows filled with their chunk number) and one clean run."""
+    store = Store.create(tmp_path / "s")
+    write_run(store, "r1", n_chunks=3, rows=1024)
+    write_run(store, "clean", n_chunks=2, rows=7)
+    resid = store.array_path("r1", "resid/3")
+    (resid / "c" / "1" / "0").unlink()
+    chunk2 = resid / "c" / "2" / "0"
+    chunk2.write_bytes(chunk2.read_bytes()[:100])
+    return store, resid
+
+
+def test_missing_or_truncated_chunk_raises_one_line_naming_the_file(tmp_path):
+    store, resid = damaged_store(tmp_path)
+    ok = residuals(store, pl.DataFrame({"run_id": ["r1", "r1"], "row": [0, 1023]}), layer=3)
+    assert torch.equal(ok, torch.zeros(2, D_MODEL))                       # chunk 0 is intact (and zeros)
+    for row, file, problem in [(1500, resid / "c/1/0", "missing"), (2100, resid / "c/2/0", "truncated (100 of 32768 bytes)")]:
+        with pytest.raises(StoreDamaged) as err:
+            residuals(store, pl.DataFrame({"run_id": ["r1"], "row": [row]}), layer=3)
+        message = str(err.value)
+        assert "\n" not in message and isinstance(err.value, UsageError)
+        assert message.startswith(f"store damaged: run r1 layer 3 (resid/3): {file} is {problem}; ")
+    res = CliRunner().invoke(app, ["sql", "SELECT 1", "--store", str(tmp_path / "s")])
+    assert res.exit_code == 0                                             # the catalog itself is fine
+
+
+def test_check_store_finds_damage_and_reports_only(tmp_path):
+    store, resid = damaged_store(tmp_path)
+    clean = store.array_path("clean", "resid/3") / "c" / "0" / "0"
+    flipped = bytearray(clean.read_bytes())
+    flipped[5] ^= 0xFF
+    clean.write_bytes(bytes(flipped))                                     # same size, other bytes
+    result = check_store(store, repair=False)
+    assert (result.n_runs, result.n_arrays, result.n_chunks) == (2, 2, 4)
+    assert [(d.run_id, d.layer, d.array, d.problem, d.file) for d in result.damaged] == [
+        ("clean", 3, "resid/3", "corrupt (checksum differs from the one recorded at commit)", str(clean)),
+        ("r1", 3, "resid/3", "missing", str(resid / "c/1/0")),
+        ("r1", 3, "resid/3", "truncated (100 of 32768 bytes)", str(resid / "c/2/0")),
+    ]
+    assert result.repaired == ()
+    lines = summary_lines(result)
+    assert lines[0] == f"damaged: run clean resid/3: {clean} is corrupt (checksum differs from the one recorded at commit)"
+    assert lines[-1] == ("2 committed runs, 2 arrays, 4 chunk files checked; 2 damaged runs (clean, r1): "
+                         "run `python cli.py store check --repair`, then the same extractions again")
+    assert Store.open(store.path).sql("SELECT count(*) AS n FROM runs WHERE status = 'complete'")["n"][0] == 2
+    assert (resid / "c/2/0").exists()                                     # report only: nothing removed
+
+
+def test_check_store_on_a_sound_store(tmp_path):
+    store = Store.create(tmp_path / "s")
+    write_run(store, "r1", n_chunks=2, rows=700)
+    result = check_store(store, repair=False)
+    assert result.damaged == () and summary_lines(result) == ["store ok: 1 committed runs, 1 arrays, 2 chunk files checked"]
+
+
+def test_a_run_without_recorded_chunks_is_held_to_its_shape(tmp_path):
+    store, resid = damaged_store(tmp_path)
+    with store.transaction() as con:                                      # as if committed before migration 10
+        con.execute("DELETE FROM array_chunks")
+    problems = [(d.run_id, d.problem) for d in check_store(store).damaged]
+    assert problems == [("r1", "missing"), ("r1", "truncated (100 of 32768 bytes)")]
+
+
+def test_repair_then_the_same_extraction_recomputes(tmp_path, tiny_model_dirs):
+    model = load_model(str(tiny_model_dirs("qwen2")))
+    store = Store.create(tmp_path / "s")
+    items = make_items(model, [Prompt(prompt_id("t", t), "t", i, "train", i % 2, None, t) for i, t in enumerate(TEXTS)])
+    settings = ExtractSettings(layers=(0, 1), batch_size=2, generate=2)
+    first = extract(store, model, items, settings=settings)
+    rows = store.sql("SELECT run_id, row FROM tokens ORDER BY row")
+    before = {layer: residuals(store, rows, layer) for layer in (0, 1)}
+    counts = store.sql("SELECT (SELECT count(*) FROM tokens) AS t, (SELECT count(*) FROM items) AS i, "
+                       "(SELECT count(*) FROM layers) AS l, (SELECT count(*) FROM array_chunks) AS c")
+    (store.array_path(first.run_id, "resid/1") / "c/0/0").unlink()
+    truncated = store.array_path(first.run_id, "resid/0") / "c/0/0"
+    truncated.write_bytes(truncated.read_bytes()[:64])
+    with pytest.raises(StoreDamaged, match="is missing"):
+        residuals(store, rows, 1)
+
+    result = check_store(store, repair=True)
+    assert {(d.layer, d.problem.split()[0]) for d in result.damaged} == {(1, "missing"), (0, "truncated")}
+    assert result.repaired == (first.run_id,)
+    assert "marked for recompute" in summary_lines(result)[-1]
+    assert store.sql("SELECT status FROM runs")["status"].to_list() == ["damaged"]
+
+    again = extract(store, model, items, settings=settings)
+    assert again.run_id == first.run_id and not again.cached
+    assert store.sql("SELECT status FROM runs")["status"].to_list() == ["complete"]
+    assert store.sql("SELECT (SELECT count(*) FROM tokens) AS t, (SELECT count(*) FROM items) AS i, "
+                     "(SELECT count(*) FROM layers) AS l, (SELECT count(*) FROM array_chunks) AS c").equals(counts)
+    for layer in (0, 1):
+        torch.testing.assert_close(residuals(store, rows, layer), before[layer])
+    assert check_store(store).damaged == ()
+    assert extract(store, model, items, settings=settings).cached
