@@ -1,9 +1,12 @@
 """Issue 13: the sql command is sandboxed, damaged arrays are caught, writers do not race, resume is per batch."""
 
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -15,12 +18,12 @@ from extract.models import load_model
 from extract.run import ExtractSettings, extract, make_items
 from queries.run import named_queries, run_query
 from queries.tensors import residuals
-from store import Store, UsageError
+from store import RunWriter, Store, UsageError, begin_run
 from store.check import check_store, summary_lines
 from store.errors import StoreDamaged
 
 sys.path.insert(0, str(Path(__file__).parent))
-from store_worker import D_MODEL  # noqa: E402
+from store_worker import D_MODEL, chunk_payload, plan  # noqa: E402
 from test_extract import TEXTS  # noqa: E402
 from test_store import write_run  # noqa: E402
 
@@ -209,3 +212,53 @@ def test_repair_then_the_same_extraction_recomputes(tmp_path, tiny_model_dirs):
         torch.testing.assert_close(residuals(store, rows, layer), before[layer])
     assert check_store(store).damaged == ()
     assert extract(store, model, items, settings=settings).cached
+
+
+# ---- 3. two identical writers at once ---------------------------------------------------------
+
+WORKER = Path(__file__).parent / "store_worker.py"
+
+
+@pytest.mark.parametrize("round_", range(5))
+def test_two_identical_writers_race(tmp_path, round_):
+    path = tmp_path / "s"                       # not created yet: both writers create and migrate it too
+    args = [sys.executable, str(WORKER), str(path), "same", "4", "50", "0.05"]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    assert all("Traceback" not in err for _, err in outs), outs
+    last = sorted(out.split()[-1] for out, _ in outs)
+    assert last == ["cached", "committed"], outs                # the second one waited, then reused the run
+    store = Store.open(path)
+    stats = store.sql("SELECT count(*) AS n, count(DISTINCT row) AS d FROM sae_acts")
+    assert stats["n"][0] == stats["d"][0] == 200
+    assert store.sql("SELECT count(*) AS n FROM runs")["n"][0] == 1
+    assert store.sql("SELECT count(*) AS n, count(DISTINCT chunk_key) AS d FROM array_chunks").row(0) == (1, 1)
+    np.testing.assert_array_equal(store.read_rows("same", "resid/3", np.arange(200))[:, 0], np.repeat(np.arange(4), 50))
+
+
+def test_a_writer_that_will_not_wait_names_the_other_pid(tmp_path):
+    path = tmp_path / "s"
+    Store.create(path)
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(path), "busy", "3", "10", "30"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "chunk 0"
+        with pytest.raises(UsageError, match=f"^run busy is being written by pid {proc.pid}; wait for it"):
+            begin_run(Store.open(path, read_only=False), plan("busy", 3, 10), wait=False)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    writer = begin_run(Store.open(path, read_only=False), plan("busy", 3, 10), wait=False)   # kill -9 freed it
+    assert writer is not None and writer.done_chunks() == {0}
+    writer.abort()
+
+
+def test_commit_is_idempotent(tmp_path):
+    store = Store.create(tmp_path / "s")
+    write_run(store, "r1")
+    writer = RunWriter(store, plan("r1", 3, 5))                # a stray writer that did not take the lock
+    writer.array("resid/3", (15, D_MODEL))
+    writer.submit(0, *chunk_payload("r1", 0, 5))
+    assert writer.commit() is False
+    assert store.sql("SELECT count(*) AS n FROM sae_acts")["n"][0] == 15
