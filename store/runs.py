@@ -3,12 +3,14 @@
 Life of a run:
   begin_run   one short transaction: the `runs` row (status 'running'), its prompts, chats and
               intervention specs. A run that is already complete is not begun again (cache hit).
-  submit      per chunk of items: Zarr regions of the run's own arrays, then the chunk's catalog
-              rows as Parquet files under staging/<run_id>/, then a `.done` marker (atomic rename).
-              Runs on a background thread so the forward pass never waits on compression.
-  commit      one transaction: every staged row into the catalog, status 'complete'.
+  submit      per chunk of items (one batch): Zarr regions of the run's own arrays, then the
+              chunk's catalog rows as Parquet files under staging/<run_id>/, then a `.done` marker
+              (atomic rename). Runs on a background thread so the forward pass never waits on it.
+  commit      one transaction: every staged row into the catalog, the chunk files written
+              (`array_chunks`), status 'complete'. Idempotent: a complete run is never re-inserted.
+One process writes a run at a time (flock on staging/<run_id>.lock, held from begin_run to commit).
 A killed run leaves status 'running' and no rows in the public tables; rerunning it skips the
-chunks whose marker exists and rewrites the rest. A run never touches another run's files, and its
+chunks whose marker exists (all but the batches in flight) and rewrites the rest. A run never touches another run's files, and its
 staged Parquet is a self-contained batch a driver can merge into any store (see DESIGN, Scale-out).
 """
 
@@ -150,7 +152,6 @@ class RunWriter:
         self.staging.mkdir(parents=True, exist_ok=True)
         self._arrays: dict[str, zarr.Array] = {}
         self._tails: dict[str, tuple[int, list[np.ndarray]]] = {}  # row-buffered arrays: (first row, parts)
-        self._unmarked: list[tuple[int, int]] = []                 # (chunk, end row) staged, marker not yet due
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{plan.run_id}")
         self._pending: list[Future] = []
 
@@ -162,9 +163,10 @@ class RunWriter:
               row_buffered: bool = True) -> zarr.Array:
         """This run's array `name`, created on first use (reopened when resuming).
 
-        A row-buffered array is written in whole Zarr chunks: rows are held until a chunk is full,
-        so no chunk is read back and rewritten (that cost 2-3x in throughput). Regions must then be
-        submitted in increasing row order, as extraction does.
+        A row-buffered array keeps the rows of its last, partial Zarr chunk in memory: every batch
+        writes its rows (so its marker can follow at once), and the batch that fills a chunk rewrites
+        it whole instead of reading it back (read-modify-write cost 2-3x in throughput). Regions must
+        then be submitted in increasing row order, as extraction does.
         """
         if name in self._arrays:
             return self._arrays[name]
@@ -199,69 +201,44 @@ class RunWriter:
 
     def _write_chunk(self, chunk: int, arrays: list[tuple[str, int, np.ndarray]],
                      tables: dict[str, pl.DataFrame]) -> None:
-        end_row = 0
         for name, row_start, data in arrays:
             if name in self._tails:
                 self._buffer(name, row_start, data)
-                end_row = max(end_row, row_start + len(data))
             else:
                 self._arrays[name][row_start:row_start + len(data)] = data
         for table, df in tables.items():
             _atomic_parquet(df, self.staging / f"chunk-{chunk:06d}.{table}.parquet")
-        self._unmarked.append((chunk, end_row))
-        self._mark_durable()
+        marker = self.staging / f"chunk-{chunk:06d}.done"      # every row of this batch is on disk
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text("")
+        os.replace(tmp, marker)
 
     def _buffer(self, name: str, row_start: int, data: np.ndarray) -> None:
-        """Append rows to the array's tail; write out every whole Zarr chunk it now holds."""
+        """Append rows to the array's tail and write it out (see `_write_tail`)."""
         start, parts = self._tails[name]
-        held = sum(len(p) for p in parts)
-        if parts and row_start != start + held:          # a gap (resumed run): write the tail as it is
-            self._write_tail(name, whole_chunks_only=False)
-            start, parts, held = row_start, [], 0
-        if not parts:
-            start = row_start
+        if row_start != start + sum(len(p) for p in parts):   # a gap (resumed run): start a new tail
+            start, parts = row_start, []
         parts.append(data)
         self._tails[name] = (start, parts)
-        self._write_tail(name, whole_chunks_only=True)
+        self._write_tail(name)
 
-    def _write_tail(self, name: str, whole_chunks_only: bool) -> None:
+    def _write_tail(self, name: str) -> None:
+        """Write every buffered row; keep the rows of the last, partial Zarr chunk for the next batch.
+
+        So each batch is on disk when its marker is written (resume loses at most the batch in flight),
+        and the batch that completes a chunk writes it whole, without reading it back.
+        """
         start, parts = self._tails[name]
-        if not parts:
-            return
-        arr = self._arrays[name]
         rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        step = arr.chunks[0]
         end = start + len(rows)
-        cut = (end // step) * step if whole_chunks_only and end < arr.shape[0] else end
-        if cut > start:
-            arr[start:cut] = rows[:cut - start]
-        rest = rows[cut - start:] if cut > start else rows
-        self._tails[name] = (max(cut, start), [rest] if len(rest) else [])
-
-    def _mark_durable(self) -> None:
-        """Write the marker of every staged chunk whose array rows are all on disk."""
-        frontier = min((s if parts else np.inf for s, parts in self._tails.values()), default=np.inf)
-        keep = []
-        for chunk, end_row in self._unmarked:
-            if end_row <= frontier:
-                marker = self.staging / f"chunk-{chunk:06d}.done"
-                tmp = marker.with_suffix(".tmp")
-                tmp.write_text("")
-                os.replace(tmp, marker)
-            else:
-                keep.append((chunk, end_row))
-        self._unmarked = keep
-
-    def _drain(self) -> None:
-        for name in self._tails:
-            self._write_tail(name, whole_chunks_only=False)
-        self._mark_durable()
+        self._arrays[name][start:end] = rows
+        cut = max(start, (end // self._arrays[name].chunks[0]) * self._arrays[name].chunks[0])
+        self._tails[name] = (cut, [rows[cut - start:]] if end > cut else [])
 
     def flush(self) -> None:
-        """Wait for every queued chunk and write buffered rows; re-raises a write error."""
+        """Wait for every queued chunk to be written; re-raises a write error."""
         while self._pending:
             self._pending.pop(0).result()
-        self._pool.submit(self._drain).result()
 
     def commit(self, tables: dict[str, pl.DataFrame] | None = None) -> bool:
         """Make the run visible: staged rows (plus `tables`), its chunk manifest and status 'complete'.

@@ -262,3 +262,39 @@ def test_commit_is_idempotent(tmp_path):
     writer.submit(0, *chunk_payload("r1", 0, 5))
     assert writer.commit() is False
     assert store.sql("SELECT count(*) AS n FROM sae_acts")["n"][0] == 15
+
+
+# ---- 4. resume keeps every finished batch -----------------------------------------------------
+
+def test_killed_extraction_recomputes_at_most_the_batch_in_flight(tmp_path, tiny_model_dirs):
+    model_dir = str(tiny_model_dirs("qwen2"))
+    path = tmp_path / "s"
+    worker = [sys.executable, str(Path(__file__).parent / "extract_worker.py"), model_dir, str(path), "24", "4"]
+    proc = subprocess.Popen([*worker, "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    k = 3                                                    # 24 prompts, 6 batches: kill after the 3rd
+    for _ in range(k):
+        assert proc.stdout.readline().strip() == "batch"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((path / "staging").glob("*/chunk-*.done")))
+    assert k - 1 <= done_before <= k                         # all 24 prompts' rows fit one Zarr chunk
+
+    rerun = subprocess.run([*worker, "0"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    forwards = int(rerun.stdout.split()[-1])
+    assert forwards == 6 - done_before and forwards <= 6 - k + 1
+
+    store = Store.open(path)
+    assert store.sql("SELECT status FROM runs")["status"].to_list() == ["complete"]
+    stats = store.sql("SELECT count(*) AS n, count(DISTINCT row) AS d FROM tokens")
+    n_rows = store.sql("SELECT n_rows FROM runs")["n_rows"][0]
+    assert stats["n"][0] == stats["d"][0] == n_rows
+    fresh = Store.create(tmp_path / "fresh")                 # the same run, uninterrupted
+    model = load_model(model_dir)
+    from extract_worker import worker_prompts
+    result = extract(fresh, model, make_items(model, worker_prompts(24)), settings=ExtractSettings(layers=(0, 1), batch_size=4))
+    assert result.run_id == store.sql("SELECT run_id FROM runs")["run_id"][0]
+    for layer in (0, 1):
+        np.testing.assert_allclose(store.read_rows(result.run_id, f"resid/{layer}", np.arange(n_rows)),
+                                   fresh.read_rows(result.run_id, f"resid/{layer}", np.arange(n_rows)), atol=1e-6)
+    assert check_store(store).damaged == ()
