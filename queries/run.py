@@ -26,11 +26,14 @@ def named_query(name: str) -> str:
 
 
 def run_query(store_path: str | Path, query: str | None, named: str | None) -> pl.DataFrame:
-    """Run one query read-only on a store's catalog."""
+    """Run one query read-only on a store's catalog: one reading statement, no file or network access.
+
+    Named queries go through the same checks (see `Store.read_only_sql`).
+    """
     if (query is None) == (named is None):
         raise UsageError("give either a QUERY or --named NAME")
     sql = named_query(named) if named else query
-    return Store.open(store_path, read_only=True).sql(sql)
+    return Store.open(store_path, read_only=True).read_only_sql(sql)
 
 
 def format_result(df: pl.DataFrame, fmt: str, out: Path | None) -> str:

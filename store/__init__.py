@@ -1,7 +1,7 @@
 """The activation store: DuckDB catalog + Zarr arrays. Every DuckDB and Zarr call lives here."""
 
-from store.errors import StoreError, UsageError
+from store.errors import StoreDamaged, StoreError, UsageError
 from store.runs import RunPlan, RunWriter, begin_run
 from store.store import Store
 
-__all__ = ["RunPlan", "RunWriter", "Store", "StoreError", "UsageError", "begin_run"]
+__all__ = ["RunPlan", "RunWriter", "Store", "StoreDamaged", "StoreError", "UsageError", "begin_run"]

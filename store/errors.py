@@ -4,3 +4,7 @@ class UsageError(Exception):
 
 class StoreError(UsageError):
     """A store that is missing, busy, or in a format this code cannot read."""
+
+
+class StoreDamaged(StoreError):
+    """A committed run's array file is missing, truncated or unreadable (see store/check.py)."""

@@ -9,6 +9,7 @@ files beside its Zarr arrays (see `store.runs`) and merges them in one transacti
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from contextlib import contextmanager
@@ -20,13 +21,18 @@ import numpy as np
 import polars as pl
 import zarr
 
-from store.errors import StoreError, UsageError
+from store.chunks import ZARR_CONFIG, chunk_keys, chunk_problems, decode_problem
+from store.errors import StoreDamaged, StoreError, UsageError
 from store.schema import FORMAT_VERSION, MIGRATIONS
 
 CATALOG = "catalog.duckdb"
 ARRAYS = "arrays.zarr"
 STAGING = "staging"
 LOCK_TIMEOUT_S = 30.0
+CATALOG_ALIAS = "catalog"        # the name a user query sees the catalog under (ATTACH ... AS catalog)
+# what a user query may be: one statement that only reads (DESCRIBE, SUMMARIZE, SHOW parse as SELECT)
+READ_ONLY_HELP = "SELECT, WITH, DESCRIBE, SUMMARIZE, SHOW, EXPLAIN or PRAGMA table_info"
+READ_ONLY_PRAGMAS = ("table_info", "show_tables", "show_tables_expanded")
 
 
 def code_version() -> str:
@@ -117,29 +123,52 @@ class Store:
         done = int(meta.get("schema_version", 0))
         for version, sql in enumerate(MIGRATIONS[done:], start=done + 1):
             with self.transaction() as con:
-                con.execute(sql)
-                con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
+                # another process opening the store for writing may have applied it meanwhile
+                now = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()[0][0]
+                if int(now) < version:
+                    con.execute(sql)
+                    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
 
     # ---- connections ---------------------------------------------------------------------
     @contextmanager
     def connect(self, read_only: bool | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived catalog connection; waits up to LOCK_TIMEOUT_S for another writer."""
         ro = self.read_only if read_only is None else read_only
+        con = self._retry_locked(lambda: duckdb.connect(str(self.path / CATALOG), read_only=ro))
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def sandboxed(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection for user SQL: the catalog attached read-only, then no file, network or settings.
+
+        An in-memory database attaches the catalog and `USE`s it, then turns external access off
+        and locks the configuration: COPY, ATTACH, read_csv/read_text/glob, INSTALL/LOAD all fail.
+        """
+        con = duckdb.connect(":memory:")
+        try:
+            catalog = str(self.path / CATALOG).replace("'", "''")
+            self._retry_locked(lambda: con.execute(f"ATTACH '{catalog}' AS {CATALOG_ALIAS} (READ_ONLY)"))
+            con.execute(f"USE {CATALOG_ALIAS}")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            yield con
+        finally:
+            con.close()
+
+    def _retry_locked(self, open_: Any) -> Any:
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         delay = 0.02
         while True:
             try:
-                con = duckdb.connect(str(self.path / CATALOG), read_only=ro)
-                break
+                return open_()
             except duckdb.Error as err:
                 if not _is_lock_error(err) or time.monotonic() > deadline:
                     raise StoreError(f"store {self.path} is busy or unreadable: {_one_line(err)}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
-        try:
-            yield con
-        finally:
-            con.close()
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -171,6 +200,16 @@ class Store:
             except duckdb.Error as err:
                 raise UsageError(f"SQL error: {_one_line(err)}") from None
 
+    def read_only_sql(self, query: str) -> pl.DataFrame:
+        """Run one user query (`cli.py sql`): a single reading statement, sandboxed (see `sandboxed`)."""
+        check_read_only(query)
+        with self.sandboxed() as con:
+            try:
+                rel = con.sql(query)
+                return pl.DataFrame() if rel is None else rel.pl()
+            except duckdb.Error as err:
+                raise UsageError(f"SQL error: {_one_line(err)}") from None
+
     def fetch_numpy(self, query: str, params: list[Any] | None = None,
                     frames: dict[str, pl.DataFrame] | None = None) -> dict[str, np.ndarray]:
         """Run one query and return its columns as numpy arrays (no polars/pandas detour)."""
@@ -193,6 +232,10 @@ class Store:
         return row
 
     # ---- arrays --------------------------------------------------------------------------
+    def run_arrays(self, run_id: str) -> Path:
+        """The directory of one run's arrays: arrays.zarr/runs/<run_id>."""
+        return self.path / ARRAYS / "runs" / run_id
+
     def array_path(self, run_id: str, name: str) -> Path:
         """Where one run's array lives: arrays.zarr/runs/<run_id>/<name>."""
         return self.path / ARRAYS / "runs" / run_id / name
@@ -201,20 +244,69 @@ class Store:
         path = self.array_path(run_id, name)
         if not (path / "zarr.json").exists():
             raise StoreError(f"no array {name} for run {run_id} in {self.path}")
-        return zarr.open_array(str(path), mode="r")
+        return zarr.open_array(str(path), mode="r", config=ZARR_CONFIG)
 
     def read_rows(self, run_id: str, name: str, rows: np.ndarray) -> np.ndarray:
-        """Gather rows of one run's array (rows need not be sorted or unique)."""
+        """Gather rows of one run's array (rows need not be sorted or unique).
+
+        Raises StoreDamaged when a chunk file holding any of the rows is missing or unreadable.
+        """
         arr = self.open_array(run_id, name)
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
-        order = np.argsort(rows, kind="stable")
-        lo, hi = int(rows[order[0]]), int(rows[order[-1]]) + 1
-        if hi - lo <= 4 * rows.size:                  # dense enough: one slice read is cheaper
-            block = arr[lo:hi]
-            return np.asarray(block[rows - lo])
-        return np.asarray(arr.get_orthogonal_selection((rows,)))
+        if rows.min() < 0 or rows.max() >= arr.shape[0]:
+            raise StoreError(f"rows {int(rows.min())}..{int(rows.max())} are outside run {run_id}'s "
+                             f"{name} (0..{arr.shape[0] - 1})")
+        touched = np.unique(rows // arr.chunks[0]).tolist()
+        for problem in chunk_problems(arr, self.array_path(run_id, name), touched):
+            raise self.damaged(run_id, name, problem.file, problem.problem)
+        try:
+            order = np.argsort(rows, kind="stable")
+            lo, hi = int(rows[order[0]]), int(rows[order[-1]]) + 1
+            if hi - lo <= 4 * rows.size:              # dense enough: one slice read is cheaper
+                block = arr[lo:hi]
+                return np.asarray(block[rows - lo])
+            return np.asarray(arr.get_orthogonal_selection((rows,)))
+        except Exception:                             # a chunk that is there but does not decode
+            for coords, key in chunk_keys(arr, touched):
+                why = decode_problem(arr, coords)
+                if why:
+                    raise self.damaged(run_id, name, self.array_path(run_id, name) / key, why) from None
+            raise
+
+    def damaged(self, run_id: str, name: str, file: Path, problem: str) -> StoreDamaged:
+        """The one-line error for a damaged chunk file of a run's array."""
+        what = f"layer {name.split('/')[1]} ({name})" if name.startswith("resid/") else f"array {name}"
+        return StoreDamaged(f"store damaged: run {run_id} {what}: {file} is {problem}; run "
+                            f"`python cli.py store check --repair --store {self.path}`, then the same extract again")
+
+
+def check_read_only(query: str) -> None:
+    """Refuse (UsageError) anything but one statement that only reads the catalog."""
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as err:
+        raise UsageError(f"SQL error: {_one_line(err)}") from None
+    if len(statements) != 1:
+        raise UsageError(f"give exactly one read-only SQL statement ({READ_ONLY_HELP}), got {len(statements)}")
+    statement = statements[0]
+    kind = statement.type
+    text = statement.query.strip().rstrip(";").strip()
+    if kind == duckdb.StatementType.EXPLAIN:            # EXPLAIN [ANALYZE] runs its statement: check that one
+        inner = re.sub(r"^explain(\s+analy[sz]e)?\s+", "", text, flags=re.IGNORECASE)
+        if inner == text:
+            raise UsageError(f"cannot read the EXPLAIN statement; only read-only SQL is allowed ({READ_ONLY_HELP})")
+        check_read_only(inner)
+        return
+    if kind == duckdb.StatementType.PRAGMA:
+        name = re.match(r"pragma\s+(\w+)", text, flags=re.IGNORECASE)
+        if name and name.group(1).lower() in READ_ONLY_PRAGMAS:
+            return
+        raise UsageError(f"the store's SQL is read-only: only PRAGMA {', '.join(READ_ONLY_PRAGMAS)} are allowed")
+    if kind != duckdb.StatementType.SELECT:
+        raise UsageError(f"the store's SQL is read-only: {kind.name} statements are refused; "
+                         f"use {READ_ONLY_HELP}")
 
 
 def _one_line(err: Exception) -> str:
