@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analyze.common import ablation, evaluate, latest_analysis, load_saes, stored_prompts  # noqa: E402
+from analyze.catalog import latest_analysis  # noqa: E402
+from analyze.common import ablation, evaluate, load_saes, stored_prompts  # noqa: E402
 from analyze.prune import PruneSettings, _quiet, _stage1_sets, lockstep_prune  # noqa: E402
 from extract.models import load_model  # noqa: E402
 from store import Store  # noqa: E402

@@ -39,16 +39,6 @@ class DirectionAdd:
         _check_layer(self.layer, "direction_add.layer")
         _check_value(self.scale, "direction_add.scale")
 
-    @classmethod
-    def from_dict(cls, raw: Any) -> "DirectionAdd":
-        if not isinstance(raw, Mapping):
-            raise UsageError(f"direction_add must be an object {{vector, layer, scale}}, got {type(raw).__name__}")
-        _reject_unknown(raw, cls, "direction_add")
-        if "vector" not in raw or "layer" not in raw:
-            raise UsageError("direction_add needs a vector and a layer")
-        return cls(vector=_as_vector(raw["vector"], "direction_add.vector"), layer=raw["layer"],
-                   scale=_as_float(raw.get("scale", 1.0), "direction_add.scale"))
-
     def to_dict(self) -> dict[str, Any]:
         return {"layer": int(self.layer), "scale": float(self.scale), "vector": [float(x) for x in self.vector]}
 
@@ -117,7 +107,7 @@ class Intervention:
         return cls(zero_ablate=zero, clamp=clamp,
                    clamp_positions=tuple(sorted(_as_ints(raw.get("clamp_positions") or (), "clamp_positions"))),
                    direction_ablate=None if direction is None else _as_vector(direction, "direction_ablate"),
-                   direction_add=None if add is None else DirectionAdd.from_dict(add))
+                   direction_add=None if add is None else _direction_add(add))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: layer and feature keys as strings, in ascending order; default parts left out."""
@@ -300,3 +290,14 @@ def _as_vector(raw: Any, where: str) -> tuple[float, ...]:
     if not isinstance(raw, (list, tuple)):
         raise UsageError(f"{where} must be a list of numbers, got {type(raw).__name__}")
     return tuple(_as_float(x, f"{where}[{k}]") for k, x in enumerate(raw))
+
+
+def _direction_add(raw: Any) -> DirectionAdd:
+    """A DirectionAdd from its JSON form {vector, layer, scale}."""
+    if not isinstance(raw, Mapping):
+        raise UsageError(f"direction_add must be an object {{vector, layer, scale}}, got {type(raw).__name__}")
+    _reject_unknown(raw, DirectionAdd, "direction_add")
+    if "vector" not in raw or "layer" not in raw:
+        raise UsageError("direction_add needs a vector and a layer")
+    return DirectionAdd(vector=_as_vector(raw["vector"], "direction_add.vector"), layer=raw["layer"],
+                        scale=_as_float(raw.get("scale", 1.0), "direction_add.scale"))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow          # the real default model: minutes on 2 cores
+
 from store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
