@@ -96,3 +96,17 @@ def record_stage(store: Store, model: str, stage: str, key: str, profile: str, r
                     "settings, seconds, finished_at, code_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
                         model, stage, key, profile, result_id, json.dumps(outputs, sort_keys=True), summary,
                         json.dumps(settings, sort_keys=True, default=str), seconds, _now(), code_version()])
+
+
+def newest_direction(store: Store, model: str) -> tuple[float, ...] | None:
+    """The selected (l*) refusal direction of the model's newest direction analysis, if any."""
+    df = store.sql("SELECT d.vector FROM directions d JOIN analyses a ON a.analysis_id = d.direction_id "
+                   "WHERE a.model = ? AND d.selected ORDER BY a.created_at DESC LIMIT 1", [model])
+    return None if df.is_empty() else tuple(float(x) for x in df["vector"][0])
+
+
+def newest_feature_sets(store: Store, model: str, stage: int) -> dict[str, tuple[Feature, ...]]:
+    """prompt_id -> its selected stage-`stage` set, from the model's newest analysis with sets of that stage."""
+    df = store.sql("SELECT f.set_id FROM feature_sets f JOIN analyses a ON a.analysis_id = f.set_id "
+                   "WHERE f.stage = ? AND a.model = ? ORDER BY a.created_at DESC LIMIT 1", [stage, model])
+    return {} if df.is_empty() else feature_sets(store, df["set_id"][0], stage)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from analyze import catalog
 from analyze.common import Feature, Log, ablation, no_log, split_prompts
 from analyze.judges import Judge, get_judge, judge_run
 from extract.datasets import Prompt, load_prompts, text_windows
@@ -124,55 +125,20 @@ def _samples(model: LoadedModel, settings: CostsSettings) -> _Samples:
     return _Samples(alpaca, text, xstest)
 
 
-def stored_direction(store: Store, model: str) -> tuple[float, ...] | None:
-    """The selected (l*) refusal direction of the newest direction analysis for `model`, if any."""
-    if not _has_table(store, "directions"):
-        return None
-    df = store.sql("SELECT d.vector FROM directions d JOIN analyses a ON a.analysis_id = d.direction_id "
-                   "WHERE a.model = ? AND d.selected ORDER BY a.created_at DESC LIMIT 1", [model])
-    return None if df.is_empty() else tuple(float(x) for x in df["vector"][0])
-
-
-def stored_feature_sets(store: Store, model: str, stage: int) -> dict[str, tuple[Feature, ...]]:
-    """prompt_id -> its reported stage-`stage` set of (layer, feature), from the newest such analysis."""
-    if not _has_table(store, "feature_sets"):
-        return {}
-    cols = set(store.sql("SELECT column_name FROM information_schema.columns "
-                         "WHERE table_name = 'feature_sets'")["column_name"])
-    selected = " AND f.selected" if "selected" in cols else ""
-    owners = ("SELECT analysis_id AS id, model, created_at FROM analyses"
-              + (" UNION ALL SELECT sweep_id, model, created_at FROM stage3_sweeps"
-                 if _has_table(store, "stage3_sweeps") else ""))
-    df = store.sql(
-        f"WITH owners AS ({owners}), newest AS ("
-        f"  SELECT f.set_id FROM feature_sets f JOIN owners o ON o.id = f.set_id "
-        f"  WHERE f.stage = ? AND o.model = ? ORDER BY o.created_at DESC LIMIT 1) "
-        f"SELECT f.prompt_id, f.layer, f.feature FROM feature_sets f JOIN newest USING (set_id) "
-        f"WHERE f.stage = ?{selected} ORDER BY f.prompt_id, f.layer, f.feature", [stage, model, stage])
-    sets: dict[str, list[Feature]] = {}
-    for pid, layer, feature in df.iter_rows():
-        sets.setdefault(pid, []).append((int(layer), int(feature)))
-    return {p: tuple(dict.fromkeys(f)) for p, f in sets.items()}
-
-
-def _has_table(store: Store, name: str) -> bool:
-    return bool(store.sql("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = ?", [name])["n"][0])
-
-
 def _conditions(store: Store, model: LoadedModel, settings: CostsSettings, direction: Sequence[float] | None,
                 feature_sets: Mapping[str, Sequence[Feature]] | None) -> tuple[list[_Condition], dict[str, str]]:
     out, skipped = [], {}
     if "baseline" in settings.conditions:
         out.append(_Condition("baseline", [Intervention()], [None]))
     if "direction_ablation" in settings.conditions:
-        vector = tuple(float(x) for x in direction) if direction is not None else stored_direction(store, model.name)
+        vector = tuple(float(x) for x in direction) if direction is not None else catalog.newest_direction(store, model.name)
         if vector is None:
             skipped["direction_ablation"] = (f"no refusal direction for {model.name} in the store; run "
                                              f"`python cli.py analyze direction --model {model.name}`")
         else:
             out.append(_Condition("direction_ablation", [Intervention(direction_ablate=vector)], [None]))
     if "feature_ablation" in settings.conditions:
-        sets = dict(feature_sets) if feature_sets is not None else stored_feature_sets(store, model.name, settings.stage)
+        sets = dict(feature_sets) if feature_sets is not None else catalog.newest_feature_sets(store, model.name, settings.stage)
         sets = {p: s for p, s in sorted(sets.items()) if s}
         if settings.max_prompts is not None:
             sets = dict(list(sets.items())[:settings.max_prompts])

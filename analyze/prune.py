@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from analyze import catalog
 from analyze.catalog import latest_analysis, save_analysis
 from analyze.common import Feature, Log, ablation, analysis_id, evaluate, load_saes, no_log, stored_prompts
 from analyze.judges import Judge, get_judge, judge_run
@@ -192,12 +193,8 @@ def _quiet(batch_size: int, generate: int) -> ExtractSettings:
 
 
 def _stage1_sets(store: Store, candidates_id: str, prompts: list[Prompt]) -> list[set[Feature]]:
-    df = store.sql("SELECT prompt_id, layer, feature FROM feature_sets WHERE set_id = ? AND stage = 1",
-                   [candidates_id])
-    by_prompt: dict[str, set[Feature]] = {}
-    for prompt_id, layer, feature in df.iter_rows():
-        by_prompt.setdefault(prompt_id, set()).add((int(layer), int(feature)))
-    return [by_prompt.get(p.prompt_id, set()) for p in prompts]
+    by_prompt = catalog.feature_sets(store, candidates_id, stage=1, selected=False)
+    return [set(by_prompt.get(p.prompt_id, ())) for p in prompts]
 
 
 def _active_features(store: Store, model: LoadedModel, prompts: list[Prompt],

@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from analyze import fm as fm_mod
 from analyze import fm_data
 from analyze import probe as probe_mod
+from analyze import catalog
 from analyze.catalog import latest_analysis, save_analysis
 from analyze.common import Feature, Log, ablation, analysis_id, evaluate, no_log, stored_prompts
 from analyze.fm import FmFit, FmSettings
@@ -174,15 +175,11 @@ def _lineage(store: Store, model: str, settings: Stage3Settings,
 
 def stage2_sets(store: Store, prune_id: str) -> dict[str, tuple[Feature, ...]]:
     """prompt_id -> the prompt's selected stage-2 set of (layer, feature), from `feature_sets`."""
-    df = store.sql("SELECT prompt_id, layer, feature FROM feature_sets WHERE set_id = ? AND stage = 2 AND selected "
-                   "ORDER BY prompt_id, layer, feature", [prune_id])
-    if df.is_empty():
+    sets = catalog.feature_sets(store, prune_id, stage=2)
+    if not sets:
         raise UsageError(f"prune analysis {prune_id} has no selected stage-2 sets; nothing to sweep "
                          "(pass --no-sweep to fit and compare only)")
-    out: dict[str, list[Feature]] = {}
-    for prompt_id, layer, feature in df.iter_rows():
-        out.setdefault(prompt_id, []).append((int(layer), int(feature)))
-    return {p: tuple(f) for p, f in out.items()}
+    return sets
 
 
 def default_layers(store: Store, model: str, cand: dict[str, Any] | None, min_layer: int) -> tuple[int, ...]:

@@ -182,7 +182,7 @@ def test_cli(planted, stage2, tmp_path):
                               "--store", str(stage2[0].path)])
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    assert "4 stage-2 prompts, 4 refused without intervention" in lines[0]
-    assert lines[3].split()[0] == "1" and lines[3].split()[2:] == ["1.00", "(4/4)"]
-    assert lines[4].split()[0] == "64" and lines[4].split()[1:] == ["0.0", "0.00", "(0/4)"]
-    assert lines[6].startswith("random control (as many active features): ASR 0.00 (0/4)")
+    assert "4 stage-2 prompts, 4 refused without intervention" in lines[1]
+    assert lines[4].split()[0] == "1" and lines[4].split()[2:] == ["1.00", "(4/4)"]
+    assert lines[5].split()[0] == "64" and lines[5].split()[1:] == ["0.0", "0.00", "(0/4)"]
+    assert lines[7].startswith("random control (as many active features): ASR 0.00 (0/4)")

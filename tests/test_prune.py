@@ -163,7 +163,8 @@ def test_cli_runs_the_three_stages(planted, stage1, tmp_path):
                               "--n-prompts", "4", "--ks", "10,20", *common,
                               *[a for spec in planted.sae_specs for a in ("--sae", spec)]])
     assert res.exit_code == 0, res.output
-    assert "4/4 refused, 4 jailbroken" in res.stdout
+    assert "4 of 4 refused prompts (4 taken) jailbroken" in res.stdout
     res = runner.invoke(app, ["analyze", "prune", "--taus", "0.5", "--seeds", "0,1", *common])
     assert res.exit_code == 0, res.output
-    assert "4/4 prompts jailbroken; random active features of equal size: 0/4" in res.stdout
+    assert "4/4 prompts jailbroken by their minimal sets" in res.stdout
+    assert "random active features of equal size 0/4" in res.stdout
