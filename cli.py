@@ -182,6 +182,20 @@ def judge_eval(
         typer.echo(line)
 
 
+@judge_app.command("rerun")
+def judge_rerun(
+    judge: Optional[str] = opt("--judge", "The judge whose verdicts are added (content, phrase, rubric, p_i[@T])."),
+    runs: Optional[str] = opt("--runs", "Comma-separated run ids [default: every run with completions]."),
+    store: str = StoreOpt,
+) -> None:
+    """Judge the store's stored completions again with another judge (no model), and compare with the judges before.
+
+    Example: python cli.py judge rerun --judge rubric --store stores/default
+    """
+    stage_command("analyze.rejudge", store, lambda m: m.RejudgeSettings.from_options(judge=judge, runs=runs),
+                  lambda m, s, _, built: m.run(s, built), needs_model=False)
+
+
 @app.command("run")
 def run_job(
     model: Optional[str] = ModelOpt,

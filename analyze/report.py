@@ -25,7 +25,8 @@ matplotlib.use("Agg")                                  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
-from analyze import taxonomy  # noqa: E402
+from analyze import rejudge, taxonomy  # noqa: E402
+from analyze.judge_eval import agreement_table  # noqa: E402
 from analyze.cards import CardSettings, FeatureCard, cards  # noqa: E402
 from store import Store, UsageError  # noqa: E402
 from store.settings import Settings
@@ -376,6 +377,20 @@ def _generic(store, frames, sql, settings):
 
 
 # The report's sections, in order: a new stage adds its entry here.
+def _render_agreement(store: Store, frames: list[pl.DataFrame], sql: tuple[str, ...],
+                      settings: ReportSettings) -> list[Part]:
+    rows, examples = [], []
+    for (a, b), part in frames[0].group_by("judge_a", "judge_b", maintain_order=True):
+        t = agreement_table({a: part["verdict_a"].to_list(), b: part["verdict_b"].to_list()})
+        (_, rate_a), (_, rate_b) = t.compliance
+        rows.append({"judge_a": a, "judge_b": b, "n": t.n, "kappa": round(t.pairs[0].kappa, 3),
+                     "agree": t.pairs[0].agree.text(), "compliance_a": rate_a.text(), "compliance_b": rate_b.text()})
+        examples.append(part.filter(pl.col("verdict_a") != pl.col("verdict_b")).head(5)
+                        .select("judge_a", "judge_b", "verdict_a", "verdict_b", "prompt", "completion"))
+    return [Table(pl.DataFrame(rows), "kappa and the share each judge calls compliance (what ASR counts), same items",
+                  sql[0]), Table(pl.concat(examples), "where they disagree: up to 5 examples per pair")]
+
+
 SECTIONS: list[Section] = [
     Section("SAE quality (held-out text, ordinary positions)", (SAE_QUALITY_SQL,), _generic, ("sae_quality",),
             "python cli.py sae train"),
@@ -407,6 +422,8 @@ SECTIONS: list[Section] = [
             "Fig. 3"),
     Section("Feature cards", (CARD_FEATURES_SQL,), _render_cards, ("feature_sets",),
             "python cli.py analyze prune (cards show the features of the stage-2 and stage-3 sets)"),
+    Section("Judges: agreement on the same completions", (rejudge.PAIRS_SQL,), _render_agreement, ("judgements",),
+            "python cli.py judge rerun --judge rubric (any two judges of the same runs)"),
     Section("Runs in the store", (RUNS_SQL,), _render_runs, ("runs",), "python cli.py extract"),
 ]
 
