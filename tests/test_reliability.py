@@ -303,3 +303,23 @@ def test_killed_extraction_recomputes_at_most_the_batch_in_flight(tmp_path, tiny
         np.testing.assert_allclose(store.read_rows(result.run_id, f"resid/{layer}", np.arange(n_rows)),
                                    fresh.read_rows(result.run_id, f"resid/{layer}", np.arange(n_rows)), atol=1e-6)
     assert check_store(store).damaged == ()
+
+
+# ---- 5. a feature card for an impossible feature says why --------------------------------------
+
+def test_feature_card_out_of_range(tmp_path):
+    from datetime import datetime
+
+    from analyze import cards
+    from tests.planted_acts import planted_store
+    store = planted_store(tmp_path / "s")
+    with store.transaction() as con:
+        con.execute("INSERT INTO saes VALUES ('m/x/layer_3', 'planted', 3, 'sae3', 'topk', 8, 16, NULL, NULL, ?)",
+                    [datetime(2026, 1, 1)])
+    with pytest.raises(UsageError, match=r"^feature 3:99999: feature id out of range 0\.\.15 "
+                                         r"\(the store's layer-3 SAEs have d_sae 16\)$"):
+        cards.card(store, 3, 99999)
+    with pytest.raises(UsageError, match=r": layer 99 has no SAE activations there \(layers with SAE activations: 2, 3\)$"):
+        cards.card(store, 99, 1)
+    with pytest.raises(UsageError, match=r"^feature 3:15 never fires in the unablated runs of "):
+        cards.card(store, 3, 15)                               # in range, silent
