@@ -10,8 +10,8 @@ Life of a run:
               (`array_chunks`), status 'complete'. Idempotent: a complete run is never re-inserted.
 One process writes a run at a time (flock on staging/<run_id>.lock, held from begin_run to commit).
 A killed run leaves status 'running' and no rows in the public tables; rerunning it skips the
-chunks whose marker exists (all but the batches in flight) and rewrites the rest. A run never touches another run's files, and its
-staged Parquet is a self-contained batch a driver can merge into any store (see DESIGN, Scale-out).
+chunks whose marker exists (all but the batches in flight) and rewrites the rest. A run never
+touches another run's files, and its staged Parquet is a self-contained batch a driver can merge into any store (see DESIGN, Scale-out).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from store.chunks import ZARR_CONFIG, manifest
-from store.schema import RUN_TABLES
 from store.errors import UsageError
+from store.schema import RUN_TABLES
 from store.store import STAGING, Store, code_version
 
 # feature-major order: a feature's rows sit together (feature cards, GROUP BY feature) and the

@@ -175,7 +175,7 @@ def test_check_store_on_a_sound_store(tmp_path):
 
 
 def test_a_run_without_recorded_chunks_is_held_to_its_shape(tmp_path):
-    store, resid = damaged_store(tmp_path)
+    store, _ = damaged_store(tmp_path)
     with store.transaction() as con:                                      # as if committed before migration 10
         con.execute("DELETE FROM array_chunks")
     problems = [(d.run_id, d.problem) for d in check_store(store).damaged]
@@ -284,7 +284,7 @@ def test_killed_extraction_recomputes_at_most_the_batch_in_flight(tmp_path, tiny
     done_before = len(list(markers.glob("*/chunk-*.done")))
     assert done_before == k                                  # batch 3 ends inside a Zarr chunk: marked anyway
 
-    rerun = subprocess.run([*worker, "0"], capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([*worker, "0"], capture_output=True, text=True, timeout=300, check=False)
     assert rerun.returncode == 0, rerun.stderr
     forwards = int(rerun.stdout.split()[-1])
     assert forwards == 6 - k                                 # no finished batch is recomputed
