@@ -124,9 +124,7 @@ def card(store: Store, layer: int, feature: int, settings: CardSettings = CardSe
     """One feature's card; UsageError when the feature never fires in the store's unablated runs."""
     density = store.sql(density_sql(), [layer, feature])
     if density.is_empty():
-        layers = store.sql("SELECT DISTINCT layer FROM layers WHERE sae_id IS NOT NULL ORDER BY layer")["layer"].to_list()
-        where = f"layers with SAE activations: {', '.join(map(str, layers))}" if layers else "no run has SAE activations"
-        raise UsageError(f"feature {layer}:{feature} never fires in the unablated runs of {store.path} ({where})")
+        raise _not_found(store, layer, feature)
     d = density.row(0, named=True)
     raw = store.sql(CONTEXTS_SQL, [layer, feature, settings.n_contexts, settings.window])
     datasets = store.sql(DATASETS_SQL, [layer, feature])
@@ -140,6 +138,20 @@ def card(store: Store, layer: int, feature: int, settings: CardSettings = CardSe
         {"density": f"{params}\n{density_sql()}",
          "contexts": f"{params}, $3 = {settings.n_contexts}, $4 = {settings.window}\n{CONTEXTS_SQL}",
          "datasets": f"{params}\n{DATASETS_SQL}"})
+
+
+def _not_found(store: Store, layer: int, feature: int) -> UsageError:
+    """Why a feature has no rows: an id past the store's SAEs at that layer, a layer without SAEs, or silence."""
+    widths = store.sql("SELECT DISTINCT d_sae FROM saes WHERE layer = ? ORDER BY d_sae", [layer])["d_sae"].to_list()
+    if widths and feature >= widths[-1]:
+        return UsageError(f"feature {layer}:{feature}: feature id out of range 0..{widths[-1] - 1} "
+                          f"(the store's layer-{layer} SAEs have d_sae {', '.join(map(str, widths))})")
+    layers = store.sql("SELECT DISTINCT layer FROM layers WHERE sae_id IS NOT NULL ORDER BY layer")["layer"].to_list()
+    if layers and layer not in layers:
+        return UsageError(f"feature {layer}:{feature} never fires in the unablated runs of {store.path}: layer {layer} "
+                          f"has no SAE activations there (layers with SAE activations: {', '.join(map(str, layers))})")
+    where = f"layers with SAE activations: {', '.join(map(str, layers))}" if layers else "no run has SAE activations"
+    return UsageError(f"feature {layer}:{feature} never fires in the unablated runs of {store.path} ({where})")
 
 
 def cards(store: Store, features: list[Feature], settings: CardSettings = CardSettings()) -> list[FeatureCard]:

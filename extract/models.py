@@ -175,9 +175,20 @@ def _resolve_path_or_id(name: str) -> str:
 
 def _from_pretrained(source: str, device: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(local_only: bool) -> tuple[nn.Module, object]:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device,
+                                                     local_files_only=local_only)
+        return model, tokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device)
+        try:
+            model, tokenizer = load(local_only=True)     # a directory or the HF cache: no hub round trip
+        except OSError:
+            if Path(source).exists():
+                raise
+            model, tokenizer = load(local_only=False)    # not cached: ask the hub
     except OSError as err:
         if Path(source).exists() or not _is_unreachable(err):
             raise UsageError(f"cannot load model {source}: {_first_line(err)}") from err

@@ -20,6 +20,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import zarr
+import zarr.errors
 
 from store.chunks import ZARR_CONFIG, chunk_keys, chunk_problems, decode_problem
 from store.errors import StoreDamaged, StoreError, UsageError
@@ -69,7 +70,10 @@ class Store:
         root.mkdir(parents=True, exist_ok=True)
         (root / STAGING).mkdir(exist_ok=True)
         if not (root / ARRAYS / "zarr.json").exists():
-            zarr.open_group(str(root / ARRAYS), mode="a", zarr_format=3)
+            try:
+                zarr.open_group(str(root / ARRAYS), mode="a", zarr_format=3)
+            except zarr.errors.ContainsGroupError:      # another process created it meanwhile
+                pass
         store = cls(root, read_only=False)
         store._migrate()
         return store
