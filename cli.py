@@ -24,6 +24,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders: train the model's own SAEs.")
 app.add_typer(sae_app, name="sae")
 app.add_typer(analyze_app, name="analyze")
+store_app = typer.Typer(no_args_is_help=True, help="The store itself: check its arrays against the catalog.")
+app.add_typer(store_app, name="store")
 judge_app = typer.Typer(no_args_is_help=True, help="Judges: how well each one agrees with labelled completions.")
 app.add_typer(judge_app, name="judge")
 
@@ -160,6 +162,25 @@ def report(
     failed = [title for title, status in result.sections if status.startswith("error")]
     if failed:
         typer.echo(f"error: {len(failed)} report sections failed: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
+
+
+@store_app.command("check")
+def store_check(
+    repair: bool = typer.Option(False, "--repair", help="Mark damaged runs so that the same extraction recomputes them."),
+    store: str = StoreOpt,
+) -> None:
+    """Verify every committed run's Zarr arrays against the catalog: shapes, chunks present, sizes and checksums.
+
+    Example: python cli.py store check --repair --store stores/default
+    """
+    from store.check import check_store, summary_lines
+
+    with user_errors():
+        result = check_store(_open_store(store, read_only=not repair), repair=repair)
+    for line in summary_lines(result):
+        typer.echo(line)
+    if result.damaged and not repair:
         raise typer.Exit(1)
 
 

@@ -16,6 +16,7 @@ READERS = [
     ["analyze", "direction", *NO_MODEL], ["analyze", "candidates", *NO_MODEL], ["analyze", "prune", *NO_MODEL],
     ["analyze", "stage3", *NO_MODEL], ["analyze", "redundancy", *NO_MODEL], ["analyze", "controls", *NO_MODEL],
     ["analyze", "costs", *NO_MODEL], ["analyze", "taxonomy"], ["feature", "3:4"], ["report"], ["sql", "SELECT 1"],
+    ["store", "check"], ["judge", "rerun"],
 ]
 
 
