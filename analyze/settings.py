@@ -17,7 +17,9 @@ def check_judge(name: str | None) -> None:
 
 @dataclass(frozen=True)
 class JudgedSettings(Settings):
-    judge: str = "content"                # analyze/judges.py: content, phrase, p_i[@T], harmbench, llamaguard
+    # analyze/judges.py: rubric, content, phrase, p_i[@T], harmbench, llamaguard. rubric is the default because it
+    # agrees best with labelled completions: kappa 0.70 vs content 0.50 on the gold test part (cli.py judge eval)
+    judge: str = "rubric"
     generate: int = 64                    # greedy completion tokens for judges that read completions
     batch_size: int = 16                  # rows per forward pass
 

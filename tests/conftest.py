@@ -50,3 +50,46 @@ def assert_one_error(result, line: str) -> None:
     """A CLI result that failed with exit 2 and exactly this one line on stderr."""
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines() == [line], result.stderr
+
+
+# ---- the planted refusal model: built once per session, one chain of fixtures -------------------
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    """The tiny Qwen-2 with a planted refusal direction and latents (tests/planted.py)."""
+    from tests.planted import build_planted
+
+    return build_planted(tmp_path_factory.mktemp("planted"))
+
+
+@pytest.fixture(scope="session")
+def planted_model(planted):
+    from extract.models import load_model
+
+    return load_model(str(planted.model_dir))
+
+
+@pytest.fixture(scope="session")
+def _planted_stage1_store(planted, planted_model, tmp_path_factory):
+    """A store holding the planted direction and stage-1 candidates, computed once."""
+    from analyze import candidates, direction
+    from store import Store
+    from tests.planted import candidate_settings, direction_settings
+
+    path = tmp_path_factory.mktemp("stage1") / "s"
+    store = Store.create(path)
+    direction.run(store, planted_model, direction_settings(planted))
+    candidates.run(store, planted_model, candidate_settings(planted))
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted_stage1(_planted_stage1_store, planted_model, tmp_path_factory):
+    """(store, model): a module's own copy of the stage-1 store, so no module sees another's analyses."""
+    import shutil
+
+    from store import Store
+
+    path = tmp_path_factory.mktemp("stage1-copy") / "s"
+    shutil.copytree(_planted_stage1_store, path)
+    return Store.open(path, read_only=False), planted_model

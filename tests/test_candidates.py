@@ -8,19 +8,12 @@ from analyze import candidates, direction
 from analyze.candidates import CandidateSettings
 from extract.models import load_model
 from store import Store, UsageError
-from tests.planted import PLANTED_FEATURES, PLANTED_LAYER, build_planted, candidate_settings, direction_settings
+from tests.planted import PLANTED_FEATURES, PLANTED_LAYER, candidate_settings, direction_settings
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    return build_planted(tmp_path_factory.mktemp("planted"))
-
-
-@pytest.fixture(scope="module")
-def stage1(planted, tmp_path_factory):
-    store = Store.create(tmp_path_factory.mktemp("store") / "s")
-    model = load_model(str(planted.model_dir))
-    direction.run(store, model, direction_settings(planted))
+def stage1(planted, planted_stage1):
+    store, model = planted_stage1                       # the session's stage-1 store: this run is cached
     return store, model, candidates.run(store, model, candidate_settings(planted))
 
 

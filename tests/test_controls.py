@@ -14,33 +14,23 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from analyze import candidates, controls, direction, prune, report
+from analyze import controls, prune, report
 from analyze.controls import ControlsSettings
 from analyze.prune import PruneSettings
 from cli import app
 from extract.interventions import Intervention
-from extract.models import load_model
 from queries.tensors import sae_codes
 from store import Store, UsageError
-from tests.planted import (D_SAE, PLANTED_FEATURES, PLANTED_LAYER, SAE_LAYERS, build_planted, candidate_settings,
-                           direction_settings)
+from tests.planted import (D_SAE, PLANTED_FEATURES, PLANTED_LAYER, SAE_LAYERS)
 
 KS = (1, 2, 3, 4, 5, 8, 12, 16, 17, 18, 20, 64)
 PROMPT_ROLES = ("user", "post_instruction")
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    return build_planted(tmp_path_factory.mktemp("planted"))
-
-
-@pytest.fixture(scope="module")
-def stage2(planted, tmp_path_factory):
+def stage2(planted_stage1):
     """A store with direction, candidates and a small prune analysis (judged on P("I")), and the run ids it holds."""
-    store = Store.create(tmp_path_factory.mktemp("store") / "s")
-    model = load_model(str(planted.model_dir))
-    direction.run(store, model, direction_settings(planted))
-    candidates.run(store, model, candidate_settings(planted))
+    store, model = planted_stage1
     pruned = prune.run(store, model, PruneSettings(judge="p_i", taus=(0.5,), seeds=(0,)))
     return store, model, pruned, set(store.sql("SELECT run_id FROM runs")["run_id"])
 

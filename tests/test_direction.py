@@ -9,18 +9,12 @@ from analyze import direction
 from analyze.direction import DirectionSettings
 from extract.models import load_model
 from store import Store, UsageError
-from tests.planted import N_LAYERS, PLANTED_LAYER, build_planted, direction_settings
+from tests.planted import N_LAYERS, PLANTED_LAYER, direction_settings
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    return build_planted(tmp_path_factory.mktemp("planted"))
-
-
-@pytest.fixture(scope="module")
-def found(planted, tmp_path_factory):
-    store = Store.create(tmp_path_factory.mktemp("store") / "s")
-    model = load_model(str(planted.model_dir))
+def found(planted, planted_stage1):
+    store, model = planted_stage1                       # the session's stage-1 store: this run is cached
     return store, model, direction.run(store, model, direction_settings(planted))
 
 

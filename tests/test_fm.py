@@ -253,7 +253,7 @@ def test_stage3_fits_caches_and_sweeps(tmp_path, tiny, tiny_saes):
     result = stage3.run(store, tiny, settings, stage2=stage2)
     assert result.fm_model_id == ensure.fm_model_id                  # fitted once, loaded the second time
     assert store.sql("SELECT count(*) AS n FROM fm_models")["n"][0] == 3
-    assert result.n_swept == 2 and result.judge.startswith("content:")
+    assert result.n_swept == 2 and result.judge.startswith("rubric:")
     assert result.asr.select("ranker", "k").rows() == [("stage2", 0), ("fm", 1), ("fm", 3), ("probe", 2)]
     assert stage3.asr_table(result.asr).columns == ["k", "stage2", "fm", "probe"]
 

@@ -21,22 +21,16 @@ from analyze.stage3 import Stage3Settings
 from cli import app
 from extract import sae_train
 from extract.layers import parse_layers
-from extract.models import load_model
 from store import Store, UsageError
-from tests.planted import build_planted, direction_settings
+from tests.planted import direction_settings
 
 HAS_CONTROLS = importlib.util.find_spec("analyze.controls") is not None
 EXPECTED_TO_RUN = [s for s in STAGES if HAS_CONTROLS or s != "controls"]
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    return build_planted(tmp_path_factory.mktemp("planted"))
-
-
-@pytest.fixture(scope="module")
-def model(planted):
-    return load_model(str(planted.model_dir))
+def model(planted_model):
+    return planted_model
 
 
 def tiny_settings(planted, out, **overrides) -> PipelineSettings:

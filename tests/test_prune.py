@@ -7,30 +7,20 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from analyze import candidates, direction, prune
+from analyze import prune
 from analyze.common import ablation, evaluate, load_saes, stored_prompts
 from analyze.prune import PruneSettings
 from cli import app
-from extract.models import load_model
 from extract.run import ExtractSettings
 from store import Store, UsageError
-from tests.planted import PLANTED_FEATURES, PLANTED_LAYER, build_planted, candidate_settings, direction_settings
+from tests.planted import PLANTED_FEATURES, PLANTED_LAYER
 
 PLANTED = {(PLANTED_LAYER, f) for f in PLANTED_FEATURES}
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    return build_planted(tmp_path_factory.mktemp("planted"))
-
-
-@pytest.fixture(scope="module")
-def stage1(planted, tmp_path_factory):
-    store = Store.create(tmp_path_factory.mktemp("store") / "s")
-    model = load_model(str(planted.model_dir))
-    direction.run(store, model, direction_settings(planted))
-    candidates.run(store, model, candidate_settings(planted))
-    return store, model
+def stage1(planted_stage1):
+    return planted_stage1
 
 
 @pytest.fixture(scope="module")
