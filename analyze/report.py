@@ -245,7 +245,7 @@ TRANSFER_SQL = """-- the found interventions on held-out harmful prompts: ASR ov
 SELECT a.model, t.transfer_id, json_extract_string(a.metrics, '$.dataset') AS dataset,
        json_extract_string(a.metrics, '$.split') AS split, t.intervention, t.matched_to, t.n_features, t.n_prompts,
        t.n_refused, t.n_jailbroken, t.asr, t.ci_low, t.ci_high, t.ce_alpaca,
-       t.ce_alpaca - first(t.ce_alpaca) FILTER (WHERE t.intervention = 'none')
+       t.ce_alpaca - max(CASE WHEN t.intervention = 'none' THEN t.ce_alpaca END)
            OVER (PARTITION BY t.transfer_id) AS ce_delta
 FROM transfer_results t JOIN analyses a ON a.analysis_id = t.transfer_id
 ORDER BY a.created_at, t.transfer_id,
