@@ -178,6 +178,29 @@ def analyze_controls(
     _stage("analyze.controls", "ControlsSettings", _options(locals()), store)
 
 
+@analyze_app.command("transfer")
+def analyze_transfer(
+    model: Optional[str] = ModelOpt,
+    dataset: Optional[str] = opt("--dataset", "Held-out harmful prompt set (name or file)."),
+    split: Optional[str] = opt("--split", "train, val, test or all."),
+    limit: Optional[int] = opt("--limit", "At most N prompts of the split (seeded order)."),
+    seed: Optional[int] = opt("--seed", "Seed of the dataset's order and of the random controls."),
+    direction_id: Optional[str] = opt("--direction", "Direction analysis id [default: the newest]."),
+    prune_id: Optional[str] = opt("--prune", "Prune analysis whose stage-2 sets are applied [default: the newest]."),
+    core_share: Optional[float] = opt("--core-share", "Shared core: features in at least this share of the sets."),
+    n_alpaca: Optional[int] = opt("--n-alpaca", "Alpaca test prompts for CE (0: skip)."),
+    judge: Optional[str] = opt("--judge", "Judge [default: the prune analysis' judge]."),
+    generate: Optional[int] = opt("--generate", "Completion tokens [default: the prune analysis' value]."),
+    batch_size: Optional[int] = BatchOpt,
+    device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
+) -> None:
+    """Apply the direction, the stage-2 union and shared core and the stage-3 features to held-out harmful prompts.
+
+    Example: python cli.py analyze transfer --dataset harmbench --limit 100 --store stores/default
+    """
+    _stage("analyze.transfer", "TransferSettings", _options(locals()), store)
+
+
 @analyze_app.command("costs")
 def analyze_costs(
     model: Optional[str] = ModelOpt, sae: list[str] = SaeOpt,

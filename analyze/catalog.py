@@ -110,3 +110,18 @@ def newest_feature_sets(store: Store, model: str, stage: int) -> dict[str, tuple
     df = store.sql("SELECT f.set_id FROM feature_sets f JOIN analyses a ON a.analysis_id = f.set_id "
                    "WHERE f.stage = ? AND a.model = ? ORDER BY a.created_at DESC LIMIT 1", [stage, model])
     return {} if df.is_empty() else feature_sets(store, df["set_id"][0], stage)
+
+
+def direction_vector(store: Store, direction_id: str) -> tuple[float, ...] | None:
+    """The selected (l*) refusal direction of one direction analysis, if it selected one."""
+    df = store.sql("SELECT vector FROM directions WHERE direction_id = ? AND selected LIMIT 1", [direction_id])
+    return None if df.is_empty() else tuple(float(x) for x in df["vector"][0])
+
+
+def newest_stage3(store: Store, model: str, prune_id: str) -> str | None:
+    """The newest stage-3 analysis of the model on this prune analysis (or on sets passed in) with selected sets."""
+    df = store.sql("SELECT a.analysis_id FROM analyses a WHERE a.kind = 'stage3' AND a.model = ? "
+                   "AND (a.parent_id = ? OR a.parent_id IS NULL) AND EXISTS (SELECT 1 FROM feature_sets f "
+                   "WHERE f.set_id = a.analysis_id AND f.stage = 3 AND f.selected) ORDER BY a.created_at DESC LIMIT 1",
+                   [model, prune_id])
+    return None if df.is_empty() else df.item(0, 0)

@@ -165,15 +165,12 @@ def _measure(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings:
     refs = [s for s in saes if s.layer in {l for spec in cond.specs for l in spec.layers}]
     by_spec: dict[str, dict[str, Any]] = {s.spec_hash(): {"set_prompt_id": p, "n_features": _n_features(s)}
                                           for s, p in zip(cond.specs, cond.set_ids)}
-    loss = ExtractSettings(positions="last:1", loss=True, batch_size=settings.batch_size, sae_rows=False)
     for corpus, prompts, raw in (("alpaca", samples.alpaca, False), ("text", samples.text, True)):
         if not prompts:
             continue
-        pairs = [(p, s) for s in cond.specs for p in prompts]
-        items = make_items(model, [p for p, _ in pairs], [s for _, s in pairs], raw=raw)
-        log(f"  {corpus}: {len(items)} items")
-        run_id = extract(store, model, items, refs, loss).run_id
-        for spec_hash, ce, n, n_tok in _ce_by_spec(store, run_id).iter_rows():
+        log(f"  {corpus}: {len(prompts) * len(cond.specs)} items")
+        run_id, per_spec = loss_run(store, model, refs, cond.specs, prompts, settings.batch_size, raw)
+        for spec_hash, ce, n, n_tok in per_spec.iter_rows():
             by_spec[spec_hash].update({f"ce_{corpus}": ce, f"n_{corpus}": n, f"n_{corpus}_tokens": n_tok,
                                        f"{corpus}_run_id": run_id})
     if samples.xstest:
@@ -191,6 +188,18 @@ def _measure(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings:
             by_spec[spec_hash].update({"over_refusal": n_refused / n, "n_xstest": n, "n_refused": n_refused,
                                        "xstest_run_id": run_id})
     return [{"condition": cond.name, **row} for row in by_spec.values()]
+
+
+def loss_run(store: Store, model: LoadedModel, saes: Sequence[SaeRef], specs: Sequence[Intervention],
+             prompts: Sequence[Prompt], batch_size: int, raw: bool = False) -> tuple[str, pl.DataFrame]:
+    """One loss run of every (spec, prompt) pair: its run id and, per spec_hash, ce (nats), n, n_tokens.
+
+    Chat-formatted prompts score their instruction (user) tokens; `raw` texts score every token."""
+    pairs = [(p, s) for s in specs for p in prompts]
+    items = make_items(model, [p for p, _ in pairs], [s for _, s in pairs], raw=raw)
+    loss = ExtractSettings(positions="last:1", loss=True, batch_size=batch_size, sae_rows=False)
+    run_id = extract(store, model, items, saes, loss).run_id
+    return run_id, _ce_by_spec(store, run_id)
 
 
 def _n_features(spec: Intervention) -> int:

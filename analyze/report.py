@@ -241,6 +241,18 @@ WHERE c.set_prompt_id IS NULL AND c.n_xstest IS NOT NULL
   AND c.costs_id = (SELECT costs_id FROM costs b WHERE b.model = c.model ORDER BY created_at DESC LIMIT 1)
 ORDER BY c.model, CASE c.condition WHEN 'baseline' THEN 0 WHEN 'direction_ablation' THEN 1 ELSE 2 END"""
 
+TRANSFER_SQL = """-- the found interventions on held-out harmful prompts: ASR over the prompts refused without intervention
+-- (Wilson 95% interval), CE on Alpaca beside the unmodified model (intervention none)
+SELECT a.model, t.transfer_id, json_extract_string(a.metrics, '$.dataset') AS dataset,
+       json_extract_string(a.metrics, '$.split') AS split, t.intervention, t.matched_to, t.n_features, t.n_prompts,
+       t.n_refused, t.n_jailbroken, t.asr, t.ci_low, t.ci_high, t.ce_alpaca,
+       t.ce_alpaca - max(CASE WHEN t.intervention = 'none' THEN t.ce_alpaca END)
+           OVER (PARTITION BY t.transfer_id) AS ce_delta
+FROM transfer_results t JOIN analyses a ON a.analysis_id = t.transfer_id
+ORDER BY a.created_at, t.transfer_id,
+         CASE t.intervention WHEN 'none' THEN 0 WHEN 'direction' THEN 1 ELSE 2 END, t.matched_to NULLS FIRST"""
+
+
 CARD_FEATURES_SQL = """-- the features of the stage-2 and stage-3 sets, most frequent first
 SELECT layer, feature, count(DISTINCT prompt_id) AS n_prompts, min(stage) AS stage
 FROM feature_sets WHERE selected AND stage >= 2
@@ -417,6 +429,8 @@ SECTIONS: list[Section] = [
             "Table 9"),
     Section("Over-refusal on XSTest safe prompts", (OVER_REFUSAL_SQL,), _generic, ("costs",),
             "python cli.py analyze costs"),
+    Section("Transfer: the found interventions on held-out harmful prompts", (TRANSFER_SQL,), _generic,
+            ("transfer_results",), "python cli.py analyze transfer"),
     Section("Taxonomy: features by CoCoNot category", _taxonomy_sql, _render_taxonomy, ("sae_acts",),
             "python cli.py extract --dataset coconot --limit 0 (with SAEs), then python cli.py analyze taxonomy",
             "Fig. 3"),
