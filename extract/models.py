@@ -173,6 +173,26 @@ def _resolve_path_or_id(name: str) -> str:
                      "a Hugging Face model directory or a hub id like org/name")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connect within `timeout` s (False when offline mode is set).
+
+    Checked once before the hub is asked, so an offline user hears "not cached" in seconds instead of
+    after huggingface_hub's retries (about a minute)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _from_pretrained(source: str, device: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -186,7 +206,7 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype) -> tuple[nn.M
         try:
             model, tokenizer = load(local_only=True)     # a directory or the HF cache: no hub round trip
         except OSError:
-            if Path(source).exists():
+            if Path(source).exists() or not hub_reachable():
                 raise
             model, tokenizer = load(local_only=False)    # not cached: ask the hub
     except OSError as err:

@@ -1,7 +1,10 @@
 """Model loading: tiny models of each architecture, the layer convention, the GGUF cache, errors, the real default."""
 import importlib.util
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +212,19 @@ def test_real_default_model_refuses_harmful_only(real_model_cache):
     assert replies["harmful"].startswith(refusal), replies
     assert not replies["harmless"].startswith(refusal), replies
     assert p_i["harmful"] > p_i["harmless"], p_i
+
+
+def test_uncached_model_with_an_unreachable_hub_is_one_usage_error(tmp_path):
+    """The hub is probed once (a TCP connect) before transformers' retries: here a closed local port."""
+    code = ("from extract.models import hub_reachable, load_model\n"
+            "from store import UsageError\n"
+            "assert not hub_reachable()\n"
+            "try:\n    load_model('no-such-org/no-such-model')\nexcept UsageError as err:\n    print(err)\n")
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == ("model no-such-org/no-such-model is not in the Hugging Face cache and the hub cannot "
+                                  "be reached; run `huggingface-cli download no-such-org/no-such-model` on a machine "
+                                  "with access or pass --model PATH")
