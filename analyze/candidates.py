@@ -29,6 +29,7 @@ from extract.run import ExtractSettings, SaeRef
 from extract.saes import decoder_rows
 from store import Store, UsageError
 from analyze.settings import JudgedSettings
+from analyze.metrics import rate_text
 from analyze.text import span
 
 
@@ -169,7 +170,7 @@ def summary_line(r: CandidatesResult) -> str:
     """One line: how many refused prompts some K jailbreaks, at which SAE layers."""
     m = r.metrics
     return (f"{m['n_jailbroken']} of {m['n_refused']} refused prompts ({m['n_prompts']} taken) jailbroken by the "
-            f"top-K latents per layer, K <= {m['k_max']}, SAE layers {span(m['sae_layers'])} "
+            f"top-K latents per layer ({rate_text(m['n_jailbroken'], m['n_refused'])}), K <= {m['k_max']}, SAE layers {span(m['sae_layers'])} "
             f"(direction {r.direction_id}, l* = {r.layer})")
 
 

@@ -36,7 +36,8 @@ from extract.models import LoadedModel
 from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
 from analyze.settings import JudgedPromptSettings
-from analyze.text import fmt, pct
+from analyze.metrics import rate_text
+from analyze.text import fmt
 
 # per item of the clean run, each latent at the given layers with the number of the given roles'
 # tokens where it is non-zero (one sae_acts row per (row, layer, feature), so count(*) counts tokens)
@@ -215,10 +216,11 @@ def _summary(results: pl.DataFrame, asr: pl.DataFrame, act_run: str, settings: C
 def summary_line(r: ControlsResult) -> str:
     """One line: O'Brien et al. ASR per k beside the random control."""
     s = r.summary
-    per_k = ", ".join(f"k={row['k']} {pct(row['asr'])}" for row in s.get("per_k", ()))
+    per_k = ", ".join(f"k={row['k']} {rate_text(row['n_jailbroken'], row['n_prompts'])}" for row in s.get("per_k", ()))
     random = s.get("random") or {}
+    rand = rate_text(random["n_jailbroken"], random["n_prompts"]) if random else "-"
     return (f"O'Brien et al. ASR on {s.get('n_refused')} refused stage-2 prompts: {per_k or '-'}; "
-            f"random active features {pct(random.get('asr'))} (prune {r.prune_id}, judge {r.judge})")
+            f"random active features {rand} (prune {r.prune_id}, judge {r.judge})")
 
 
 def detail_lines(r: ControlsResult) -> list[str]:

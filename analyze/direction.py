@@ -24,7 +24,7 @@ from analyze.catalog import save_analysis
 from extract.models import readout_logits
 from analyze.judges import Judge, PhraseJudge, get_judge, judge_run
 from analyze.settings import JudgedSettings
-from analyze.text import fmt, pct
+from analyze.text import fmt, pct, share_text
 from extract.datasets import Prompt
 from extract.interventions import DirectionAdd, Intervention
 from extract.models import LoadedModel
@@ -277,8 +277,8 @@ def summary_line(r: DirectionResult) -> str:
     """One line: l*, its ablation ASR, and the random-direction control."""
     c = r.controls
     randoms = " ".join(pct(x) for x in c["random_ablation_asr"]) or "-"
-    return (f"l* = {r.layer}; ablating r_l* jailbreaks {pct(c['asr'])} of {c['n_refused']} "
-            f"refused val prompts (random directions {randoms}; judge {r.judge})")
+    return (f"l* = {r.layer}; ablating r_l* jailbreaks {share_text(c['asr'], c['n_refused'])} of the refused val "
+            f"prompts (random directions {randoms}; judge {r.judge})")
 
 
 def detail_lines(r: DirectionResult) -> list[str]:

@@ -35,6 +35,7 @@ from extract.models import LoadedModel
 from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
 from analyze.settings import JudgedPromptSettings
+from analyze.metrics import rate_text
 from analyze.text import fmt
 
 POOLS = ("candidates", "active")
@@ -301,8 +302,9 @@ def summary_line(r: PruneResult) -> str:
     """One line: prompts jailbroken by their minimal sets, set sizes, the random control, the work done."""
     m = r.summary
     return (f"{m['n_jailbroken']}/{m['n_prompts']} prompts jailbroken by their minimal sets "
-            f"({fmt(m['features_per_prompt'], '.1f')} features per prompt, {m['n_unique_features']} unique); "
-            f"random active features of equal size {m['n_random_jailbroken']}/{m['n_prompts']}; "
+            f"({rate_text(m['n_jailbroken'], m['n_prompts'])}; {fmt(m['features_per_prompt'], '.1f')} features per "
+            f"prompt, {m['n_unique_features']} unique); random active features of equal size "
+            f"{m['n_random_jailbroken']}/{m['n_prompts']} ({rate_text(m['n_random_jailbroken'], m['n_prompts'])}); "
             f"{m['n_steps']} lockstep steps, {m['n_evaluations']} evaluations in {m['n_forward_items']} forward rows, "
             f"{m['seconds_pruning']:.0f} s")
 

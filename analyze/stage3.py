@@ -58,7 +58,8 @@ from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
 from store.store import code_version
 from analyze.settings import JudgedPromptSettings
-from analyze.text import fmt, pct, span
+from analyze.metrics import rate_text
+from analyze.text import fmt, span
 
 AGGREGATES = ("max", "mean")
 CANDIDATES = ("active", "all")
@@ -484,9 +485,10 @@ def summary_line(r: Stage3Result) -> str:
             f"{r.n_features} latents at layers {span(list(r.layers))}")
     if r.asr is None:
         return line
-    best = dict(r.asr.group_by("ranker").agg(pl.col("asr").max()).iter_rows())
-    return line + (f"; ASR on {r.n_swept} stage-2 prompts: set alone {pct(best.get('stage2'))}, + FM top-K up to "
-                   f"{pct(best.get('fm'))}, + probe top-K up to {pct(best.get('probe'))}; {r.n_stage3_sets} stage-3 sets")
+    top = r.asr.sort("asr", "k", descending=[True, False]).unique("ranker", keep="first", maintain_order=True)
+    best = {row["ranker"]: rate_text(row["n_jailbroken"], row["n_prompts"]) for row in top.iter_rows(named=True)}
+    return line + (f"; ASR on {r.n_swept} stage-2 prompts: set alone {best.get('stage2', '-')}, + FM top-K up to "
+                   f"{best.get('fm', '-')}, + probe top-K up to {best.get('probe', '-')}; {r.n_stage3_sets} stage-3 sets")
 
 
 def detail_lines(r: Stage3Result) -> list[str]:

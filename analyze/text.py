@@ -27,3 +27,10 @@ def frame_text(df) -> str:
     with pl.Config(tbl_rows=60, tbl_cols=14, fmt_str_lengths=70, tbl_hide_dataframe_shape=True,
                    tbl_formatting="ASCII_MARKDOWN", tbl_hide_column_data_types=True):
         return str(df)
+
+
+def share_text(share: float | None, n: int) -> str:
+    """A share of n items with its Wilson 95% interval: '62% [31%, 86%] (5/8)'; '-' when not measured."""
+    from analyze.metrics import rate_text
+
+    return "-" if share is None else rate_text(round(share * n), n)
