@@ -127,7 +127,7 @@ def analyze_stage3(
                        "dtype")
 
     def settings(m):
-        from analyze.fm import FmSettings
+        from analyze.stage3.fm import FmSettings
 
         fm = FmSettings.from_options(embedding=embedding, epochs=epochs, lr=lr, device=fm_device)
         return m.Stage3Settings.from_options(**options, saes=tuple(sae) or None, fm=fm)

@@ -9,10 +9,12 @@ import polars as pl
 import pytest
 import torch
 
-from analyze import fm, fm_data, plots, probe, stage3
-from analyze.fm import FactorizationMachine, FmSettings
-from analyze.fm_data import FmData
-from analyze.probe import ProbeSettings
+from analyze import plots, stage3
+from analyze.stage3 import data as fm_data
+from analyze.stage3 import fm, probe
+from analyze.stage3.fm import FactorizationMachine, FmSettings
+from analyze.stage3.data import FmData
+from analyze.stage3.probe import ProbeSettings
 from analyze.stage3 import Stage3Settings
 from extract.datasets import Prompt, load_prompts, prompt_id
 from extract.interventions import Intervention

@@ -12,7 +12,7 @@ from analyze import pipeline, stage3
 from analyze.candidates import CandidateSettings
 from analyze.controls import ControlsSettings
 from analyze.costs import CostsSettings
-from analyze.fm import FmSettings
+from analyze.stage3.fm import FmSettings
 from analyze.pipeline import STAGES, PipelineSettings
 from analyze.prune import PruneSettings
 from analyze.redundancy import RedundancySettings

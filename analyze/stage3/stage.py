@@ -1,8 +1,8 @@
 """Stage 3, interaction discovery (paper section 3.3): FM over SAE activations, then the ablation sweep.
 
 1. Data: every latent at the last `n_last` tokens of AdvBench (1) and Alpaca (0) prompts, layers
-   2..l*, split as recorded in `prompts` (analyze/fm_data.py); missing activations are extracted.
-2. A factorization machine (analyze/fm.py) and a logistic-regression probe (analyze/probe.py) on
+   2..l*, split as recorded in `prompts` (stage3/data.py); missing activations are extracted.
+2. A factorization machine (stage3/fm.py) and a logistic-regression probe (stage3/probe.py) on
    the same max-abs-scaled rows; FMs at the diagnostic embedding sizes too (mean pairwise cosine).
 3. Ranking, per prompt with a stage-2 set S: the candidates are the latents active on that prompt
    (in the FM's layers and positions), minus S. FM score = MAX over s in S of cos(v_candidate, v_s):
@@ -15,9 +15,8 @@
    greedy completion; each prompt is judged; ASR(K) = share judged jailbroken. K = 0 (S alone) is
    the reference. A prompt's stage-3 set is its FM top-K at the smallest K that jailbreaks it.
 
-Judging: analyze/judges.py, `content` by default as in stages 1-2 (refusal phrase anywhere in the
-greedy completion -> refusal; compliance only when the completion takes the request up; else
-evasive); jailbroken = compliance. Verdicts are stored in `judgements`. `p_i@T` judges on P("I")
+Judging: analyze/judges.py, the stages' default judge (`rubric`: the content rules plus a fitted test
+for degenerate output; see `cli.py judge eval`); jailbroken = compliance. Verdicts are stored in `judgements`. `p_i@T` judges on P("I")
 alone and skips generation.
 
 Where things come from: the stage-2 sets are the selected `feature_sets` rows of a prune analysis
@@ -28,40 +27,31 @@ with the SAEs that found the stage-2 sets. The sweep is an `analyses` row of kin
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import polars as pl
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from analyze import fm as fm_mod
-from analyze import fm_data
-from analyze import probe as probe_mod
 from analyze import catalog
-from analyze.catalog import latest_analysis, save_analysis
-from analyze.common import Feature, Log, ablation, analysis_id, evaluate, no_log, stored_prompts
-from analyze.fm import FmFit, FmSettings
-from analyze.fm_data import FmData
-from analyze.judges import get_judge, judge_run
-from analyze.probe import ProbeFit, ProbeSettings
+from analyze.catalog import latest_analysis
+from analyze.common import Feature, Log, no_log, stored_prompts
+from analyze.metrics import rate_text
+from analyze.settings import JudgedPromptSettings
+from analyze.stage3 import data as fm_data
+from analyze.stage3.data import FmData
+from analyze.stage3.fm import FmSettings
+from analyze.stage3.models import _similarity, fit_fm, fit_probe
+from analyze.stage3.probe import ProbeSettings
+from analyze.stage3.rank import AGGREGATES
+from analyze.stage3.sweep import _sweep
+from analyze.text import fmt, span
 from extract.datasets import Prompt, load_prompts
 from extract.models import LoadedModel
 from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
-from store.store import code_version
-from analyze.settings import JudgedPromptSettings
-from analyze.metrics import rate_text
-from analyze.text import fmt, span
 
-AGGREGATES = ("max", "mean")
 CANDIDATES = ("active", "all")
 
 
@@ -239,229 +229,6 @@ def _data_info(model: str, saes: Sequence[SaeRef], settings: Stage3Settings, dat
             "seed": settings.seed, "min_train_prompts": settings.min_train_prompts, "scaling": "maxabs(train)",
             "n_prompts": {s: int((data.split == s).sum()) for s in fm_data.SPLITS},
             "n_features": data.n_features, "nnz": data.nnz, "data_hash": data.fingerprint()}
-
-
-# ---- fitting, cached in fm_models --------------------------------------------------------------
-
-def fit_fm(store: Store, data: FmData, settings: FmSettings, info: Mapping[str, Any]) -> tuple[FmFit, str]:
-    """The FM for (settings, data): loaded from `fm_models` when fitted before, else fitted and saved."""
-    stored_settings = {**asdict(settings), "device": str(settings.resolved_device())}
-    model_id = analysis_id("fm_model", info["model"], None, settings, {"settings": stored_settings, "data": info})
-    found = _load_row(store, model_id)
-    if found is not None:
-        row, tensors = found
-        metrics = json.loads(row["metrics"])
-        history = tuple(fm_mod.EpochStats(**h) for h in metrics["history"])
-        fit = FmFit(fm_mod.FactorizationMachine.from_tensors(tensors).eval(), settings, row["best_epoch"],
-                    history, metrics["accuracy"])
-        return fit, model_id
-    fit = fm_mod.fit(data, settings)
-    metrics = {"accuracy": fit.accuracy, "history": [asdict(h) for h in fit.history]}
-    _save_row(store, model_id, "fm", info, stored_settings, metrics, fit.accuracy,
-              {**fit.model.tensors(), **_columns(data)}, embedding=settings.embedding,
-              best_epoch=fit.best_epoch, mean_cosine=fit.mean_cosine)
-    return fit, model_id
-
-
-def fit_probe(store: Store, data: FmData, settings: ProbeSettings, info: Mapping[str, Any]) -> tuple[ProbeFit, str]:
-    """The probe for (settings, data): loaded from `fm_models` when fitted before, else fitted and saved."""
-    model_id = analysis_id("probe_model", info["model"], None, settings, {"data": info})
-    found = _load_row(store, model_id)
-    if found is not None:
-        row, tensors = found
-        metrics = json.loads(row["metrics"])
-        fit = ProbeFit(tensors["coef"].double().numpy(), float(tensors["intercept"][0]), metrics["C"],
-                       metrics["accuracy"], {float(c): a for c, a in metrics["val_acc_by_C"]})
-        return fit, model_id
-    fit = probe_mod.fit(data, settings)
-    metrics = {"accuracy": fit.accuracy, "C": fit.C, "val_acc_by_C": sorted(fit.val_acc_by_C.items())}
-    tensors = {"coef": torch.from_numpy(fit.coef), "intercept": torch.tensor([fit.intercept], dtype=torch.float64)}
-    _save_row(store, model_id, "probe", info, asdict(settings), metrics, fit.accuracy, {**tensors, **_columns(data)})
-    return fit, model_id
-
-
-def _similarity(store: Store, data: FmData, settings: Stage3Settings, info: Mapping[str, Any],
-                main: tuple[FmFit, str], log: Log) -> pl.DataFrame:
-    rows = []
-    for k in sorted(set(settings.diagnostic_embeddings) | {settings.fm.embedding}):
-        fit, model_id = main if k == settings.fm.embedding else fit_fm(store, data, replace(settings.fm, embedding=k), info)
-        log(f"FM k={k}: test acc {fit.accuracy['test']:.3f}, mean pairwise cosine {fit.mean_cosine:.3f}")
-        rows.append({"embedding": k, "model_id": model_id, "best_epoch": fit.best_epoch,
-                     "test_acc": fit.accuracy["test"], "mean_cosine": fit.mean_cosine})
-    return pl.DataFrame(rows)
-
-
-def _columns(data: FmData) -> dict[str, torch.Tensor]:
-    return {"layer": torch.from_numpy(data.layer), "feature": torch.from_numpy(data.feature)}
-
-
-def weights_path(store: Store, model_id: str) -> Path:
-    """Where a fitted model's safetensors file lives: <store>/models/<model_id>.safetensors."""
-    return store.path / "models" / f"{model_id}.safetensors"
-
-
-def _load_row(store: Store, model_id: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    df = store.sql("SELECT * FROM fm_models WHERE model_id = ?", [model_id])
-    if df.is_empty() or not (store.path / df["weights"][0]).exists():
-        return None
-    row = df.row(0, named=True)
-    return row, load_file(str(store.path / row["weights"]))
-
-
-def _save_row(store: Store, model_id: str, kind: str, info: Mapping[str, Any], settings: Mapping[str, Any],
-              metrics: Mapping[str, Any], accuracy: Mapping[str, float], tensors: dict[str, torch.Tensor],
-              embedding: int | None = None, best_epoch: int | None = None, mean_cosine: float | None = None) -> None:
-    path = weights_path(store, model_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)                                   # the row below never points at a partial file
-    with store.transaction() as con:
-        con.execute("DELETE FROM fm_models WHERE model_id = ?", [model_id])
-        con.execute("INSERT INTO fm_models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
-            model_id, kind, info["model"], embedding, info["n_features"], accuracy["train"], accuracy["val"],
-            accuracy["test"], best_epoch, mean_cosine, json.dumps(settings), json.dumps(info), json.dumps(metrics),
-            str(path.relative_to(store.path)), datetime.now(timezone.utc).replace(tzinfo=None), code_version()])
-
-
-# ---- ranking -----------------------------------------------------------------------------------
-
-def rank_by_fm(V: torch.Tensor, seeds: np.ndarray, candidates: np.ndarray,
-               aggregate: str = "max") -> tuple[np.ndarray, np.ndarray]:
-    """Candidate columns by cosine of their FM embedding to the seed columns' (max or mean over seeds), best first.
-
-    Returns (columns, scores); ties keep the lower column id first.
-    """
-    if aggregate not in AGGREGATES:
-        raise UsageError(f"aggregate must be one of {', '.join(AGGREGATES)}, got {aggregate!r}")
-    u = F.normalize(V.detach().double(), dim=-1)                                   # [n_features, k]
-    sim = u[torch.from_numpy(candidates)] @ u[torch.from_numpy(seeds)].T           # [n_candidates, n_seeds]
-    score = (sim.max(-1).values if aggregate == "max" else sim.mean(-1)).numpy()
-    order = np.lexsort((candidates, -score))
-    return candidates[order], score[order]
-
-
-def rank_by_probe(coef: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate columns by |probe weight|, largest first (ties: lower column id first); (columns, scores)."""
-    score = np.abs(coef[candidates])
-    order = np.lexsort((candidates, -score))
-    return candidates[order], score[order]
-
-
-@dataclass(frozen=True)
-class _Plan:
-    prompt: Prompt
-    stage2: tuple[Feature, ...]
-    ranked: dict[str, tuple[np.ndarray, np.ndarray]]       # ranker -> (columns, scores), best first
-
-
-def _plans(data: FmData, prompts: Sequence[Prompt], stage2: Mapping[str, Sequence[Feature]], V: torch.Tensor,
-           coef: np.ndarray, settings: Stage3Settings) -> list[_Plan]:
-    row_of = {p: i for i, p in enumerate(data.prompt_ids)}
-    depth = max((*settings.ks, *settings.probe_ks), default=0)
-    plans = []
-    for prompt in prompts:
-        layers, feats = zip(*stage2[prompt.prompt_id])
-        in_fm = data.columns(layers, feats)
-        seeds = in_fm[in_fm >= 0]
-        if not len(seeds):
-            continue
-        r = row_of[prompt.prompt_id]
-        pool = (data.indices[data.indptr[r]:data.indptr[r + 1]] if settings.candidates == "active"
-                else np.arange(data.n_features))
-        pool = np.setdiff1d(pool, seeds)
-        fm_cols, fm_scores = rank_by_fm(V, seeds, pool, settings.aggregate)
-        pr_cols, pr_scores = rank_by_probe(coef, pool)
-        plans.append(_Plan(prompt, tuple(stage2[prompt.prompt_id]),
-                           {"fm": (fm_cols[:depth], fm_scores[:depth]), "probe": (pr_cols[:depth], pr_scores[:depth])}))
-    return plans
-
-
-def top_k(plan: _Plan, ranker: str, k: int, data: FmData) -> list[Feature]:
-    """The first k latents of `ranker` for this prompt as (layer, feature) pairs."""
-    cols = plan.ranked[ranker][0][:k]
-    return list(zip(data.layer[cols].tolist(), data.feature[cols].tolist()))
-
-
-# ---- the sweep ---------------------------------------------------------------------------------
-
-def _sweep(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings: Stage3Settings, data: FmData,
-           swept: Sequence[Prompt], stage2: Mapping[str, Sequence[Feature]], fm_fit: tuple[FmFit, str],
-           probe_fit: tuple[ProbeFit, str], result: Stage3Result, log: Log) -> Stage3Result:
-    judge = get_judge(settings.judge)
-    swept = list(swept)[:settings.max_prompts or None]
-    plans = _plans(data, swept, stage2, fm_fit[0].model.V, probe_fit[0].coef, settings)
-    if not plans:
-        raise UsageError("none of the stage-2 prompts has a stage-2 latent among the FM's columns; "
-                         "check that the FM layers cover the stage-2 layers")
-    sweep_id = analysis_id("stage3", model.name, result.prune_id, settings,
-                           {"fm": fm_fit[1], "probe": probe_fit[1], "judge": judge.judge_id,
-                            "stage2": {p.prompt.prompt_id: p.stage2 for p in plans}})
-    es = ExtractSettings(positions=f"last:{settings.n_last}", batch_size=settings.batch_size,
-                         generate=settings.generate if judge.needs_completion else 0)
-    steps = [("stage2", 0)] + [("fm", k) for k in settings.ks] + [("probe", k) for k in settings.probe_ks]
-    outcomes = []
-    for ranker, k in steps:
-        log(f"ablating stage-2 set + {ranker} top-{k} on {len(plans)} prompts")
-        sets = [list(p.stage2) + (top_k(p, ranker, k, data) if k else []) for p in plans]
-        done = evaluate(store, model, [p.prompt for p in plans], [ablation(s) for s in sets], saes, es)
-        verdicts = judge_run(store, done.run_id, judge)["verdict"].to_numpy()[done.items]
-        outcomes.append(pl.DataFrame({
-            "ranker": ranker, "k": k, "prompt_id": [p.prompt.prompt_id for p in plans],
-            "n_ablated": [len(set(s)) for s in sets], "run_id": done.run_id, "item": done.items, "p_i": done.p_i,
-            "verdict": verdicts, "jailbroken": verdicts == "compliance",
-        }, schema_overrides={"k": pl.Int32, "n_ablated": pl.Int32, "item": pl.Int32, "p_i": pl.Float32}))
-    table = pl.concat(outcomes)
-    asr = _asr(table)
-    stage3 = _stage3_sets(sweep_id, table, plans, data)
-    result = replace(result, sweep_id=sweep_id, judge=judge.judge_id, asr=asr, n_swept=len(plans),
-                     n_skipped=len(swept) - len(plans), n_stage3_sets=stage3["prompt_id"].n_unique())
-    metrics = {"fm_model_id": result.fm_model_id, "probe_model_id": result.probe_model_id,
-               "layers": list(result.layers), "fm_accuracy": result.fm_accuracy,
-               "probe_accuracy": result.probe_accuracy, "probe_C": result.probe_C,
-               "similarity": result.similarity.to_dicts(), "asr": asr.to_dicts(), "n_swept": result.n_swept,
-               "n_skipped": result.n_skipped, "n_stage3_sets": result.n_stage3_sets}
-    with_id = pl.lit(sweep_id).alias("sweep_id")
-    save_analysis(store, sweep_id, "stage3", model.name, result.prune_id, judge.judge_id, settings, metrics, {
-        "stage3_rankings": ("sweep_id", _rankings_frame(plans, data).with_columns(with_id)),
-        "stage3_outcomes": ("sweep_id", table.with_columns(with_id)),
-        "stage3_asr": ("sweep_id", asr.with_columns(with_id)),
-        "feature_sets": ("set_id", stage3)})
-    return result
-
-
-def _asr(outcomes: pl.DataFrame) -> pl.DataFrame:
-    return (outcomes.group_by("ranker", "k", maintain_order=True)
-            .agg(pl.len().cast(pl.Int32).alias("n_prompts"),
-                 pl.col("jailbroken").sum().cast(pl.Int32).alias("n_jailbroken"),
-                 pl.col("jailbroken").mean().alias("asr"), pl.col("run_id").first()))
-
-
-def _stage3_sets(sweep_id: str, outcomes: pl.DataFrame, plans: Sequence[_Plan], data: FmData) -> pl.DataFrame:
-    """`feature_sets` rows: per prompt jailbroken by some FM K, its FM top-K at the smallest such K."""
-    first = (outcomes.filter((pl.col("ranker") == "fm") & pl.col("jailbroken"))
-             .group_by("prompt_id").agg(pl.col("k").min()))
-    by_prompt = {p.prompt.prompt_id: p for p in plans}
-    parts = [pl.DataFrame({"prompt_id": []}, schema={"prompt_id": pl.String})]
-    for prompt_id, k in first.sort("prompt_id").iter_rows():
-        cols, scores = by_prompt[prompt_id].ranked["fm"]
-        parts.append(pl.DataFrame({"prompt_id": prompt_id, "layer": data.layer[cols[:k]].astype(np.int16),
-                                   "feature": data.feature[cols[:k]].astype(np.int32),
-                                   "score": scores[:k].astype(np.float32)}))
-    return pl.concat(parts, how="diagonal").with_columns(
-        pl.lit(sweep_id).alias("set_id"), pl.lit(3, pl.Int8).alias("stage"), pl.lit(None, pl.Float32).alias("tau"),
-        pl.lit(True).alias("selected"))
-
-
-def _rankings_frame(plans: Sequence[_Plan], data: FmData) -> pl.DataFrame:
-    parts = []
-    for plan in plans:
-        for ranker, (cols, scores) in plan.ranked.items():
-            parts.append(pl.DataFrame({
-                "ranker": ranker, "prompt_id": plan.prompt.prompt_id,
-                "rank": np.arange(1, len(cols) + 1, dtype=np.int32), "layer": data.layer[cols].astype(np.int16),
-                "feature": data.feature[cols].astype(np.int32), "score": scores.astype(np.float32)}))
-    return pl.concat(parts)
 
 
 # ---- presenting --------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from analyze.fm_data import SPLITS, FmData
+from analyze.stage3.data import SPLITS, FmData
 from store import UsageError
 from store.settings import Settings
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analyze.fm_data import SPLITS, FmData
+from analyze.stage3.data import SPLITS, FmData
 from store import UsageError
 from store.settings import Settings
 
