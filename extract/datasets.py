@@ -101,6 +101,10 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
                     DATA_DIR / "harmbench" / "harmbench_behaviors_text_all.csv", "Behavior",
                     "SemanticCategory", keep=lambda r: r["FunctionalCategory"] == "standard"),
                 1, "HarmBench standard text behaviours, category = SemanticCategory"),
+    DatasetSpec("harmbench-test", lambda: _csv_rows(
+                    DATA_DIR / "harmbench" / "harmbench_behaviors_text_test.csv", "Behavior",
+                    "SemanticCategory", keep=lambda r: r["FunctionalCategory"] == "standard"),
+                1, "HarmBench's own test split, standard text behaviours (for transfer: prompts no stage saw)"),
     DatasetSpec("xstest", _xstest(safe_only=False),
                 0, "XSTest v2: 250 safe (label 0) + 200 unsafe contrast_* prompts (label 1), category = type"),
     DatasetSpec("xstest-safe", _xstest(safe_only=True),

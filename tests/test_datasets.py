@@ -26,7 +26,7 @@ def alpaca_unique() -> int:
 
 
 EXPECTED_COUNTS = {
-    "advbench": 520, "harmbench": 200, "xstest": 450, "xstest-safe": 250,
+    "advbench": 520, "harmbench": 200, "harmbench-test": 159, "xstest": 450, "xstest-safe": 250,
     "coconot": 1001, "coconot-contrast": 379, "jbb-benign": 100,
 }
 
