@@ -85,6 +85,10 @@ def analyze_prune(
     seeds: Optional[str] = opt("--seeds", "Seeds of the block order; features kept under all count."),
     max_prompts: Optional[int] = MaxPromptsOpt,
     pool: Optional[str] = opt("--pool", "candidates (C_K) or active (C_K ∩ latents active on the prompt)."),
+    variant: Optional[str] = opt("--variant", "Reading of Algorithm 1: prose (accepted blocks stay ablated) or "
+                                 "literal (the pseudocode: accepted blocks are restored too)."),
+    last_block: Optional[str] = opt("--last-block", "A last block of fewer than N features: test it, or skip it "
+                                    "(the pseudocode's while |C\\K| >= N)."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:

@@ -1,25 +1,43 @@
 """Stage 2 (paper Algorithm 1): greedy pruning of a prompt's candidate set to a minimal set.
 
-For one prompt, tau and seed: shuffle the pool C (the stage-1 set at the prompt's chosen K) with the
-seed and cut it into blocks of N = 5. K (the features pruned so far) starts empty and P(C\\K), P("I")
-at the last prompt position with C\\K zero-ablated, starts at P(C). For each block V in order:
-    P(C\\(K u V)) is measured with V restored (not ablated),
-    delta = |P(C\\K) - P(C\\(K u V))| / P(C\\K),
-    delta >= tau: V matters, it is kept (stays ablated; K and P(C\\K) unchanged);
-    delta <  tau: V is pruned, K <- K u V, and P(C\\K) <- the value just measured.
-So P(C\\K) of a step is always a value accepted earlier and never recomputed. The run's minimal set
-is C\\K at the end; a prompt's set for tau is the intersection over the seeds (kept under all seeds).
+P(S) is P("I") at the last prompt position with the features S zero-ablated. Algorithm 1 as printed:
+    K <- {}; while |C\\K| >= N: draw a block V of N features from C\\K,
+        delta = |P(C\\K) - P(C\\(K u V))| / P(C\\K);  delta >= tau: K <- K u V,  else: C <- C\\V;
+    return K.
+The pseudocode and the prose disagree. Read literally, an accepted block leaves the ablated set C\\K
+just as a rejected one leaves C; the prose says "iteratively remove features that do not cause a
+substantial change", i.e. accepted blocks stay ablated. `variant` picks the reading; in both, K is the
+accepted blocks (decision "keep"), the rejected ones are removed from C ("prune"), and the run's set is K:
+- prose (default; backward elimination, what this module always did): before a step the ablated set
+  is C, the pool less the rejected blocks (the accepted and the untested ones); the block is tested by
+  restoring it, C\\V. So "P(C\\K)" is read as P(C) and "P(C\\(K u V))" as P(C\\V): the printed formula
+  with C the fixed pool and K the features rejected so far. The base value changes only on a rejection.
+- literal (the pseudocode as printed): before a step the ablated set is C\\K, the blocks not yet tested
+  (this one included: accepted and rejected blocks are both restored), and the test set C\\(K u V) is the
+  untested blocks after this one. A block is judged by what restoring it does while only the blocks after
+  it are ablated; the base value is the previous test value after either decision.
+Both agree until the first acceptance. Neither recomputes a base value: it is always one measured before.
+
+The pool (C at the start: the stage-1 set at the prompt's chosen K) is shuffled with the seed and cut
+into blocks of N (drawing blocks without replacement). When
+N does not divide |C| the last block is smaller than N. `last_block = "test"` (default, and what this
+module always did: a deviation from the printed `while |C\\K| >= N`) tests it like the others; "skip"
+stops as printed: the remainder is never tested, stays ablated in every step of either reading (it is
+in C\\K throughout) and is not in K, so not in the run's set. A prompt's set for tau is the intersection
+of its runs' sets over the seeds (kept under all seeds).
 
 The 8 taus x 3 seeds x prompts runs are independent; they advance in lockstep: every step is ONE
 extraction run whose items carry each run's own ablation set (identical (prompt, set) pairs, common
-early on because a seed's order is shared by its taus, are computed once). Then each prompt's sets
-are ablated with generation and judged, beside a control of as many random features active on the
-prompt (same layers, drawn from the clean run's SAE activations at any position).
+early on because a seed's order is shared by its taus, are computed once); `algorithm1` is that loop
+over any P("I") measurement, `lockstep_prune` feeds it the model. Then each prompt's sets are ablated
+with generation and judged, beside a control of as many random features active on the prompt (same
+layers, drawn from the clean run's SAE activations at any position).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +46,7 @@ import polars as pl
 
 from analyze import catalog
 from analyze.catalog import latest_analysis, save_analysis
-from analyze.common import Feature, Log, ablation, analysis_id, evaluate, load_saes, no_log, stored_prompts
+from analyze.common import Evaluated, Feature, Log, ablation, analysis_id, evaluate, load_saes, no_log, stored_prompts
 from analyze.judges import Judge, get_judge, judge_run
 from extract.datasets import Prompt
 from extract.models import LoadedModel
@@ -39,6 +57,8 @@ from analyze.metrics import rate_text
 from analyze.text import fmt
 
 POOLS = ("candidates", "active")
+VARIANTS = ("prose", "literal")          # the two readings of Algorithm 1 (module docstring)
+LAST_BLOCKS = ("test", "skip")
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,11 @@ class PruneSettings(JudgedPromptSettings):
     batch_size: int = 32                 # rows per forward in the lockstep runs
     dedupe: bool = True                  # identical (prompt, set) rows of a step share one forward
     control_seed: int = 0
+    variant: str = "prose"               # prose: accepted blocks stay ablated; literal: the pseudocode as printed
+    last_block: str = "test"             # a last block of fewer than N: test it, or skip it as printed
+
+    # added after prune ids were first made: hashed only when set, so prose/test runs keep their ids
+    _HASHED_WHEN_SET = JudgedPromptSettings._HASHED_WHEN_SET + ("variant", "last_block")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,6 +88,10 @@ class PruneSettings(JudgedPromptSettings):
             raise UsageError(f"seeds must be distinct, got {self.seeds}")
         if self.pool not in POOLS:
             raise UsageError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.variant not in VARIANTS:
+            raise UsageError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.last_block not in LAST_BLOCKS:
+            raise UsageError(f"last_block must be one of {', '.join(LAST_BLOCKS)}, got {self.last_block!r}")
 
 
 @dataclass
@@ -73,14 +102,15 @@ class _Run:
     tau: float
     seed: int
     blocks: list[list[Feature]]
-    p_base: float                        # P(C\K): the accepted value
-    pruned: set[Feature] = field(default_factory=set)    # K
+    p_base: float                        # P("I") with the step's base set ablated (module docstring)
+    kept: set[Feature] = field(default_factory=set)      # K: the accepted blocks
+    pruned: set[Feature] = field(default_factory=set)    # the rejected blocks, removed from C
 
 
 @dataclass(frozen=True)
 class PruneTrace:
     steps: pl.DataFrame                  # `pruning_steps` rows without prune_id
-    kept: dict[tuple[int, float, int], frozenset[Feature]]   # (prompt index, tau, seed) -> C\K at the end
+    kept: dict[tuple[int, float, int], frozenset[Feature]]   # (prompt index, tau, seed) -> K at the end
     n_steps: int
     n_evaluations: int                   # P("I") measurements asked for (one per live run per step)
     n_forward_items: int                 # rows actually run (after dedupe)
@@ -120,8 +150,7 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
     log(f"pruning {len(prompts)} prompts x {len(settings.taus)} taus x {len(settings.seeds)} seeds, "
         f"pools of {min(map(len, pools))}..{max(map(len, pools))} features")
     trace = lockstep_prune(store, model, saes, prompts, pools, p_full, settings, log)
-    sets = {(i, tau): frozenset.intersection(*(trace.kept[(i, tau, s)] for s in settings.seeds))
-            for i in range(len(prompts)) for tau in settings.taus}
+    sets = minimal_sets(trace.kept, len(prompts), settings)
     log(f"checking {len(sets)} minimal sets and their random controls")
     checks = _check(store, model, prompts, sets, active, saes, judge, settings, log)
     per_prompt, per_tau, summary = _summaries(prompts, pools, sets, checks)
@@ -140,30 +169,60 @@ def lockstep_prune(store: Store, model: LoadedModel, saes: list[SaeRef], prompts
                    pools: list[set[Feature]], p_full: np.ndarray, settings: PruneSettings,
                    log: Log = no_log) -> PruneTrace:
     """Algorithm 1 for every (prompt, tau, seed), all advancing together: one extraction run per step."""
+    def measure(rows: list[int], ablated: list[list[Feature]]) -> Evaluated:
+        return evaluate(store, model, [prompts[i] for i in rows], [ablation(a) for a in ablated], saes,
+                        _quiet(settings.batch_size, 0), dedupe=settings.dedupe)
+    return algorithm1(pools, p_full, settings, measure, [p.prompt_id for p in prompts], log)
+
+
+Measure = Callable[[list[int], list[list[Feature]]], Evaluated]   # (prompt indices, ablation sets) -> P("I")
+
+
+def algorithm1(pools: list[set[Feature]], p_full: np.ndarray, settings: PruneSettings, measure: Measure,
+               prompt_ids: list[str], log: Log = no_log) -> PruneTrace:
+    """Algorithm 1 for every (prompt, tau, seed) in lockstep, one `measure` call per step for all live runs.
+
+    `p_full[i]` is P(pool i ablated), the first base value of both readings."""
     t0 = time.perf_counter()
-    runs = []
-    for i, pool in enumerate(pools):
-        ordered = sorted(pool)
-        for seed in settings.seeds:
-            order = np.random.default_rng(seed).permutation(len(ordered))
-            blocks = [[ordered[j] for j in order[s:s + settings.block_size]]
-                      for s in range(0, len(order), settings.block_size)]
-            runs += [_Run(i, tau, seed, blocks, float(p_full[i])) for tau in settings.taus]
-    n_steps = max(len(r.blocks) for r in runs)
+    runs = [_Run(i, tau, seed, _blocks(pool, seed, settings), float(p_full[i]))
+            for i, pool in enumerate(pools) for seed in settings.seeds for tau in settings.taus]
+    n_steps = max((len(r.blocks) for r in runs), default=0)
     rows: list[dict[str, Any]] = []
     n_eval = n_items = 0
     for step in range(n_steps):
         live = [r for r in runs if step < len(r.blocks)]
-        specs = [ablation(sorted(pools[r.prompt] - r.pruned - set(r.blocks[step]))) for r in live]
-        done = evaluate(store, model, [prompts[r.prompt] for r in live], specs, saes,
-                        _quiet(settings.batch_size, 0), dedupe=settings.dedupe)
+        tests = [sorted(_ablated(r, pools[r.prompt], settings.variant) - set(r.blocks[step])) for r in live]
+        done = measure([r.prompt for r in live], tests)
         n_eval, n_items = n_eval + len(live), n_items + done.n_forward_items
         for r, p_without, item in zip(live, done.p_i, done.items):
-            rows.append(_decide(r, step, float(p_without), done.run_id, int(item), pools[r.prompt], prompts))
+            rows.append(_decide(r, step, float(p_without), done.run_id, int(item), pools[r.prompt],
+                                prompt_ids, settings.variant))
         log(f"step {step + 1}/{n_steps}: {len(live)} runs, {done.n_forward_items} forwards")
-    kept = {(r.prompt, r.tau, r.seed): frozenset(pools[r.prompt] - r.pruned) for r in runs}
+    kept = {(r.prompt, r.tau, r.seed): frozenset(r.kept) for r in runs}
     steps = pl.DataFrame(rows, schema=_STEP_SCHEMA)
     return PruneTrace(steps, kept, n_steps, n_eval, n_items, time.perf_counter() - t0)
+
+
+def minimal_sets(kept: dict[tuple[int, float, int], frozenset[Feature]], n_prompts: int,
+                 settings: PruneSettings) -> dict[tuple[int, float], frozenset[Feature]]:
+    """(prompt index, tau) -> the features its runs kept under every seed."""
+    return {(i, tau): frozenset.intersection(*(kept[(i, tau, s)] for s in settings.seeds))
+            for i in range(n_prompts) for tau in settings.taus}
+
+
+def _blocks(pool: set[Feature], seed: int, settings: PruneSettings) -> list[list[Feature]]:
+    """The pool in the seed's order cut into blocks of N; under `last_block = "skip"` none smaller than N."""
+    ordered, n = sorted(pool), settings.block_size
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    blocks = [[ordered[j] for j in order[s:s + n]] for s in range(0, len(order), n)]
+    if settings.last_block == "skip" and blocks and len(blocks[-1]) < n:
+        blocks.pop()
+    return blocks
+
+
+def _ablated(r: _Run, pool: set[Feature], variant: str) -> set[Feature]:
+    """The base set before r's next block: C (prose) or C\\K (literal), C being the pool less the rejected."""
+    return pool - r.pruned - (r.kept if variant == "literal" else set())
 
 
 _STEP_SCHEMA = {"prompt_id": pl.String, "tau": pl.Float32, "seed": pl.Int32, "step": pl.Int32,
@@ -173,19 +232,19 @@ _STEP_SCHEMA = {"prompt_id": pl.String, "tau": pl.Float32, "seed": pl.Int32, "st
 
 
 def _decide(r: _Run, step: int, p_without: float, run_id: str, item: int, pool: set[Feature],
-            prompts: list[Prompt]) -> dict[str, Any]:
+            prompt_ids: list[str], variant: str) -> dict[str, Any]:
     """One block decision of Algorithm 1; updates the run and returns its `pruning_steps` row."""
     block = r.blocks[step]
     p_base = r.p_base
     delta = abs(p_base - p_without) / p_base
     keep = delta >= r.tau
-    if not keep:
-        r.pruned |= set(block)
+    (r.kept if keep else r.pruned).update(block)
+    if not keep or variant == "literal":     # the next base set is this step's test set
         r.p_base = p_without
-    return {"prompt_id": prompts[r.prompt].prompt_id, "tau": r.tau, "seed": r.seed, "step": step,
+    return {"prompt_id": prompt_ids[r.prompt], "tau": r.tau, "seed": r.seed, "step": step,
             "block_layers": [f[0] for f in block], "block_features": [f[1] for f in block],
             "p_base": p_base, "p_without": p_without, "delta": delta, "decision": "keep" if keep else "prune",
-            "n_ablated": len(pool) - len(r.pruned), "run_id": run_id, "item": item}
+            "n_ablated": len(_ablated(r, pool, variant)), "run_id": run_id, "item": item}
 
 
 def _quiet(batch_size: int, generate: int) -> ExtractSettings:
