@@ -18,22 +18,22 @@ from cli_support import (BatchOpt, DeviceOpt, DtypeOpt, ModelOpt, SaeOpt, StoreO
                          stage_command, user_errors)
 from store.errors import UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Why does a chat model refuse? An activation store plus the analyses of "
                        "arXiv 2509.09708 over it.")
-sae_app = typer.Typer(no_args_is_help=True, help="Sparse autoencoders: train the model's own SAEs.")
+sae_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Sparse autoencoders: train the model's own SAEs.")
 app.add_typer(sae_app, name="sae")
 app.add_typer(analyze_app, name="analyze")
-store_app = typer.Typer(no_args_is_help=True, help="The store itself: check its arrays against the catalog.")
+store_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The store itself: check its arrays against the catalog.")
 app.add_typer(store_app, name="store")
-judge_app = typer.Typer(no_args_is_help=True, help="Judges: how well each one agrees with labelled completions.")
+judge_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Judges: how well each one agrees with labelled completions.")
 app.add_typer(judge_app, name="judge")
 
 @app.command()
 def extract(
     model: Optional[str] = ModelOpt,
-    dataset: list[str] = typer.Option([], "--dataset", help="Dataset name or CSV/JSONL path; repeatable [default: advbench, alpaca]."),
-    limit: Optional[int] = opt("--limit", "At most N prompts per dataset (the same ones for the same seed); 0: all [default: 64]."),
+    dataset: list[str] = typer.Option([], "--dataset", help="Dataset name or CSV/JSONL path; repeatable (default: advbench, alpaca)."),
+    limit: Optional[int] = opt("--limit", "At most N prompts per dataset (the same ones for the same seed); 0: all (default: 64)."),
     seed: Optional[int] = opt("--seed", "Seed of the prompt order and the 80/10/10 split."),
     layers: Optional[str] = opt("--layers", "Residual layers to store: all, none, 2-16, 3,7,12 or 5/12-5/8."),
     positions: Optional[str] = opt("--positions", "Token positions that get rows: all or last:N."),
@@ -86,7 +86,7 @@ def sql(
 @sae_app.command("train")
 def sae_train(
     model: Optional[str] = ModelOpt,
-    layers: Optional[str] = opt("--layers", "Layers to train (2-16, 3,7,12, 5/12-5/8) [default: the profile's]."),
+    layers: Optional[str] = opt("--layers", "Layers to train (2-16, 3,7,12, 5/12-5/8) (default: the profile's)."),
     width: Optional[int] = opt("--width", "Latents per SAE."),
     k: Optional[int] = opt("--k", "Active latents per token (TopK, BatchTopK)."),
     architecture: Optional[str] = opt("--architecture", "topk, batchtopk or jumprelu."),
@@ -149,7 +149,7 @@ def feature(
 
 @app.command()
 def report(
-    out: Optional[Path] = opt("--out", "Output directory [default: STORE/report]."),
+    out: Optional[Path] = opt("--out", "Output directory (default: STORE/report)."),
     max_cards: Optional[int] = opt("--cards", "Feature cards shown (most frequent features of the sets)."),
     store: str = StoreOpt,
 ) -> None:
@@ -188,7 +188,7 @@ def store_check(
 def judge_eval(
     gold: Path = typer.Option(..., "--gold", help="JSONL with prompt, completion, label (and optional split)."),
     judges: str = opt("--judges", "Comma-separated judges to score.", "content,phrase,rubric,p_i"),
-    split: Optional[str] = opt("--split", "Score only this split (train or test) [default: every row]."),
+    split: Optional[str] = opt("--split", "Score only this split (train or test) (default: every row)."),
 ) -> None:
     """Accuracy, Cohen's kappa and compliance precision/recall of each judge against labels, with 95% CIs.
 
@@ -206,7 +206,7 @@ def judge_eval(
 @judge_app.command("rerun")
 def judge_rerun(
     judge: Optional[str] = opt("--judge", "The judge whose verdicts are added (content, phrase, rubric, p_i[@T])."),
-    runs: Optional[str] = opt("--runs", "Comma-separated run ids [default: every run with completions]."),
+    runs: Optional[str] = opt("--runs", "Comma-separated run ids (default: every run with completions)."),
     store: str = StoreOpt,
 ) -> None:
     """Judge the store's stored completions again with another judge (no model), and compare with the judges before.
@@ -223,7 +223,7 @@ def run_job(
     quick: bool = typer.Option(False, "--quick", help="The quick profile (profiles/quick.json: small numbers, "
                                                      "minutes on 2 CPU cores) instead of the paper's parameters."),
     settings_file: Optional[Path] = opt("--settings", "A profile (JSON, like profiles/*.json) instead of the default."),
-    out: Optional[Path] = opt("--out", "Report directory [default: STORE/report]."),
+    out: Optional[Path] = opt("--out", "Report directory (default: STORE/report)."),
     start: Optional[str] = opt("--from", "Rerun from this stage on, even where done: saes, direction, candidates, "
                                "prune, stage3, redundancy, controls, costs, taxonomy, report."),
     only: Optional[str] = opt("--only", "Run this stage alone (the stages before it must be done)."),

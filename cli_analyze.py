@@ -11,7 +11,7 @@ import typer
 from cli_support import (BatchOpt, DeviceOpt, DtypeOpt, GenerateOpt, JudgeOpt, MaxPromptsOpt, ModelOpt, SaeOpt, StoreOpt,
                          _log, _options, _stage, opt, stage_command)
 
-analyze_app = typer.Typer(no_args_is_help=True, help="The paper's analysis stages over a store.")
+analyze_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The paper's analysis stages over a store.")
 
 
 @analyze_app.command("direction")
@@ -21,12 +21,12 @@ def analyze_direction(
     n_train: Optional[int] = opt("--n-train", "Train-split prompts per set for the difference in means."),
     n_val: Optional[int] = opt("--n-val", "Val-split prompts per set for ASR, KL and controls."),
     seed: Optional[int] = opt("--seed", "Seed of the datasets' order and split, and of the random directions."),
-    layers: Optional[str] = opt("--layers", "Candidate layers for l* (2-16, 3,7,12) [default: the first 80%]."),
+    layers: Optional[str] = opt("--layers", "Candidate layers for l* (2-16, 3,7,12) (default: the first 80%)."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt,
     n_random: Optional[int] = opt("--n-random", "Random unit directions in each control."),
-    add_scale: Optional[float] = opt("--add-scale", "direction_add scale [default: |diff in means| at l*]."),
+    add_scale: Optional[float] = opt("--add-scale", "direction_add scale (default: |diff in means| at l*)."),
     batch_size: Optional[int] = BatchOpt,
-    plots: Optional[Path] = opt("--plots", "Directory for the PNG plots [default: STORE/plots]."),
+    plots: Optional[Path] = opt("--plots", "Directory for the PNG plots (default: STORE/plots)."),
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
     """Refusal direction per layer (difference in means), its ablation ASR on held-out prompts, l*, controls, plots.
@@ -49,7 +49,7 @@ def analyze_direction(
 @analyze_app.command("candidates")
 def analyze_candidates(
     model: Optional[str] = ModelOpt,
-    direction_id: Optional[str] = opt("--direction", "Direction analysis id [default: the newest]."),
+    direction_id: Optional[str] = opt("--direction", "Direction analysis id (default: the newest)."),
     sae: list[str] = SaeOpt, sae_store: Optional[str] = opt("--sae-store", "Use the trained SAEs of another store."),
     exclude_layers: Optional[str] = opt("--exclude-layers", "SAE layers left out of the candidates."),
     dataset: Optional[str] = opt("--dataset", "Harmful prompt set (name or file)."),
@@ -79,7 +79,7 @@ def analyze_candidates(
 @analyze_app.command("prune")
 def analyze_prune(
     model: Optional[str] = ModelOpt,
-    candidates_id: Optional[str] = opt("--candidates", "Candidates analysis id [default: the newest]."),
+    candidates_id: Optional[str] = opt("--candidates", "Candidates analysis id (default: the newest)."),
     block_size: Optional[int] = opt("--block-size", "N: features per block."),
     taus: Optional[str] = opt("--taus", "Thresholds on delta P(\"I\"), comma-separated."),
     seeds: Optional[str] = opt("--seeds", "Seeds of the block order; features kept under all count."),
@@ -102,8 +102,8 @@ def analyze_prune(
 @analyze_app.command("stage3")
 def analyze_stage3(
     model: Optional[str] = ModelOpt,
-    prune_id: Optional[str] = opt("--prune", "Prune analysis whose stage-2 sets are swept [default: the newest]."),
-    layers: Optional[str] = opt("--layers", "FM input layers (2-12, 3,7,12) [default: 2..l*]."),
+    prune_id: Optional[str] = opt("--prune", "Prune analysis whose stage-2 sets are swept (default: the newest)."),
+    layers: Optional[str] = opt("--layers", "FM input layers (2-12, 3,7,12) (default: 2..l*)."),
     sae: list[str] = SaeOpt,
     limit: Optional[int] = opt("--limit", "AdvBench and Alpaca prompts each (seeded; splits as stored)."),
     embedding: Optional[int] = opt("--embedding", "FM embedding size k (paper: 20; 5 and 50 as diagnostics)."),
@@ -117,7 +117,7 @@ def analyze_stage3(
     max_prompts: Optional[int] = MaxPromptsOpt,
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     fm_device: Optional[str] = opt("--fm-device", "Where the FM trains: auto (cuda if available), cpu, cuda."),
-    plot: Optional[Path] = opt("--plot", "PNG of ASR per K [default: STORE/plots/stage3_<sweep>.png]."),
+    plot: Optional[Path] = opt("--plot", "PNG of ASR per K (default: STORE/plots/stage3_<sweep>.png)."),
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
     """Stage 3: factorization machine vs linear probe on SAE activations, and the top-K ablation sweep.
@@ -146,8 +146,8 @@ def analyze_stage3(
 @analyze_app.command("redundancy")
 def analyze_redundancy(
     model: Optional[str] = ModelOpt,
-    prune_id: Optional[str] = opt("--prune", "Prune analysis whose stage-2 sets are read [default: the newest]."),
-    stage3_id: Optional[str] = opt("--stage3", "Stage-3 sets (sweep id) [default: the newest]; none: skip them."),
+    prune_id: Optional[str] = opt("--prune", "Prune analysis whose stage-2 sets are read (default: the newest)."),
+    stage3_id: Optional[str] = opt("--stage3", "Stage-3 sets (sweep id) (default: the newest); none: skip them."),
     sae: list[str] = SaeOpt,
     clamp_values: Optional[str] = opt("--clamp-values", "Values the switched-on features are clamped to."),
     clamp_positions: Optional[str] = opt("--clamp-positions", "Prompt positions clamped (0: the first token)."),
@@ -166,12 +166,12 @@ def analyze_redundancy(
 @analyze_app.command("controls")
 def analyze_controls(
     model: Optional[str] = ModelOpt,
-    prune_id: Optional[str] = opt("--prune", "Prune analysis whose prompts and SAEs are used [default: the newest]."),
+    prune_id: Optional[str] = opt("--prune", "Prune analysis whose prompts and SAEs are used (default: the newest)."),
     ks: Optional[str] = opt("--ks", "Ablate the features active on >= k of a prompt's tokens, for each k."),
     roles: Optional[str] = opt("--roles", "Token roles counted (first, template, user, post_instruction)."),
     max_prompts: Optional[int] = MaxPromptsOpt,
-    judge: Optional[str] = opt("--judge", "Judge [default: the prune analysis' judge]."),
-    generate: Optional[int] = opt("--generate", "Completion tokens [default: the prune analysis' value]."),
+    judge: Optional[str] = opt("--judge", "Judge (default: the prune analysis' judge)."),
+    generate: Optional[int] = opt("--generate", "Completion tokens (default: the prune analysis' value)."),
     batch_size: Optional[int] = BatchOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
@@ -189,12 +189,12 @@ def analyze_transfer(
     split: Optional[str] = opt("--split", "train, val, test or all."),
     limit: Optional[int] = opt("--limit", "At most N prompts of the split (seeded order)."),
     seed: Optional[int] = opt("--seed", "Seed of the dataset's order and of the random controls."),
-    direction_id: Optional[str] = opt("--direction", "Direction analysis id [default: the newest]."),
-    prune_id: Optional[str] = opt("--prune", "Prune analysis whose stage-2 sets are applied [default: the newest]."),
+    direction_id: Optional[str] = opt("--direction", "Direction analysis id (default: the newest)."),
+    prune_id: Optional[str] = opt("--prune", "Prune analysis whose stage-2 sets are applied (default: the newest)."),
     core_share: Optional[float] = opt("--core-share", "Shared core: features in at least this share of the sets."),
     n_alpaca: Optional[int] = opt("--n-alpaca", "Alpaca test prompts for CE (0: skip)."),
-    judge: Optional[str] = opt("--judge", "Judge [default: the prune analysis' judge]."),
-    generate: Optional[int] = opt("--generate", "Completion tokens [default: the prune analysis' value]."),
+    judge: Optional[str] = opt("--judge", "Judge (default: the prune analysis' judge)."),
+    generate: Optional[int] = opt("--generate", "Completion tokens (default: the prune analysis' value)."),
     batch_size: Optional[int] = BatchOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
@@ -213,7 +213,7 @@ def analyze_costs(
     window: Optional[int] = opt("--window", "Tokens per WikiText-2 window."),
     n_xstest: Optional[int] = opt("--n-xstest", "XSTest safe prompts for over-refusal (0: skip)."),
     stage: Optional[int] = opt("--stage", "Ablate the store's per-prompt feature sets of this stage."),
-    max_prompts: Optional[int] = opt("--max-prompts", "At most N feature sets, the first by prompt id [default: all]."),
+    max_prompts: Optional[int] = opt("--max-prompts", "At most N feature sets, the first by prompt id (default: all)."),
     conditions: Optional[str] = opt("--conditions", "Subset of baseline, direction_ablation, feature_ablation."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     seed: Optional[int] = opt("--seed", "Seed of the samples."),

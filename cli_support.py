@@ -23,13 +23,13 @@ def opt(flag: str, help_text: str, default: Any = None) -> Any:
 
 
 StoreOpt = opt("--store", "Store directory.", DEFAULT_STORE)
-ModelOpt = opt("--model", "Registry name, HF id, .gguf file or HF directory [default: qwen-coder-0.5b].")
-DeviceOpt = opt("--device", "cpu, cuda, cuda:1 ... [default: cuda if available].")
-DtypeOpt = opt("--dtype", "float32 or bfloat16 [default: bfloat16 on cuda, float32 on cpu].")
+ModelOpt = opt("--model", "Registry name, HF id, .gguf file or HF directory (default: qwen-coder-0.5b).")
+DeviceOpt = opt("--device", "cpu, cuda, cuda:1 ... (default: cuda if available).")
+DtypeOpt = opt("--dtype", "float32 or bfloat16 (default: bfloat16 on cuda, float32 on cpu).")
 JudgeOpt = opt("--judge", "rubric, content, phrase, p_i[@T], harmbench or llamaguard (GPU + weights).")
 GenerateOpt = opt("--generate", "Greedy completion tokens for judges that read completions.")
 BatchOpt = opt("--batch-size", "Rows per forward pass.")
-MaxPromptsOpt = opt("--max-prompts", "At most N prompts, the first by prompt id [default: all].")
+MaxPromptsOpt = opt("--max-prompts", "At most N prompts, the first by prompt id (default: all).")
 SaeOpt = typer.Option([], "--sae", help="LAYER=SOURCE (SAE directory or sae-lens release:id); repeatable. "
                                         "Default: the store's trained SAEs for the model.")
 
