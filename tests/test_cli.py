@@ -2,13 +2,16 @@
 of the wrong type are one line before anything is created, and --quick is the quick profile's file."""
 
 import json
+from dataclasses import fields
 
 import pytest
 from typer.testing import CliRunner
 
+from analyze.prune import PruneSettings
 from cli import app
 from tests.conftest import assert_one_error
 
+PRUNE_FIELDS = sorted(f.name for f in fields(PruneSettings))
 # every command that reads a store; --model names a model that does not exist, so a command that
 # loaded one before opening the store would fail with another message
 NO_MODEL = ["--model", "no/such-model"]
@@ -32,8 +35,7 @@ def test_missing_store_is_one_line_and_creates_nothing(tmp_path, args):
 @pytest.mark.parametrize("raw, line", [
     ({"prune": {"taus": "lots"}}, "error: setting 'prune.taus' must be a list of numbers, got str 'lots'"),
     ({"candidates": {"n_prompts": "twelve"}}, "error: setting 'candidates.n_prompts' must be an integer, got str 'twelve'"),
-    ({"prune": {"tau": [0.1]}}, "error: unknown setting 'prune.tau'; known: batch_size, block_size, candidates_id, "
-                                "control_seed, dedupe, generate, judge, max_prompts, pool, seeds, taus"),
+    ({"prune": {"tau": [0.1]}}, "error: unknown setting 'prune.tau'; known: " + ", ".join(PRUNE_FIELDS)),
 ])
 def test_bad_settings_fail_before_the_model_or_store(tmp_path, raw, line):
     profile = tmp_path / "bad.json"
