@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
-from tokenizers import AddedToken
 from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
-from tests.tiny_models import build_tokenizer
+from tests.tiny_models import SaeSpecs, build_tokenizer
 
 N_LAYERS, D_MODEL, D_SAE = 4, 64, 32
 PLANTED_LAYER = 2                    # the only layer below 80% of the depth that carries u
@@ -42,7 +41,7 @@ VERBS = ("Explain how to", "Tell me how to", "Show me how to", "Write a guide to
 
 
 @dataclass(frozen=True)
-class Planted:
+class Planted(SaeSpecs):
     model_dir: Path
     sae_dirs: dict[int, Path]
     direction: np.ndarray            # [d_model] unit u in the saved (rotated) basis
@@ -51,10 +50,6 @@ class Planted:
     harmful: Path                    # JSONL prompt files (label 1 / 0), usable as dataset names
     benign: Path
 
-    @property
-    def sae_specs(self) -> tuple[str, ...]:
-        """The SAEs as LAYER=SOURCE entries, as the stages' settings take them."""
-        return tuple(f"{layer}={path}" for layer, path in sorted(self.sae_dirs.items()))
 
 
 def build_planted(out_dir: Path, seed: int = 0) -> Planted:
@@ -62,8 +57,7 @@ def build_planted(out_dir: Path, seed: int = 0) -> Planted:
     out_dir = Path(out_dir)
     g = torch.Generator().manual_seed(seed)
     Q = torch.linalg.qr(torch.randn(D_MODEL, D_MODEL, generator=g))[0]        # [d, d] orthogonal
-    tokenizer = build_tokenizer("qwen2")
-    tokenizer.add_tokens([AddedToken(w, single_word=True) for w in TRIGGERS])
+    tokenizer = build_tokenizer("qwen2", TRIGGERS)
     model = _planted_model(tokenizer, g)
     _rotate(model, Q)
     model.save_pretrained(out_dir / "model")

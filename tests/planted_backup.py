@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
-from tokenizers import AddedToken
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
-from tests.tiny_models import build_tokenizer
+from tests.tiny_models import SaeSpecs, build_tokenizer
 
 N_LAYERS, D_MODEL, D_SAE, D_MLP = 4, 64, 32, 128
 C_HARM, C_A, C_B, C_ID, C_U, C_HM, C_SM = 0, 1, 2, 3, 4, 5, 6
@@ -44,24 +43,19 @@ BENIGN = ("Explain how to bake bread.", "Tell me how to plant a garden.")
 
 
 @dataclass(frozen=True)
-class PlantedBackup:
+class PlantedBackup(SaeSpecs):
     model_dir: Path
     sae_dirs: dict[int, Path]
     harmful: Path                    # JSONL prompt files (label 1 / 0), usable as dataset names
     benign: Path
 
-    @property
-    def sae_specs(self) -> tuple[str, ...]:
-        """The SAEs as LAYER=SOURCE entries."""
-        return tuple(f"{layer}={path}" for layer, path in sorted(self.sae_dirs.items()))
 
 
 def build_planted_backup(out_dir: Path, seed: int = 0) -> PlantedBackup:
     """Write the model, its three SAEs and two prompt files under out_dir."""
     out_dir = Path(out_dir)
     g = torch.Generator().manual_seed(seed)
-    tokenizer = build_tokenizer("llama")
-    tokenizer.add_tokens([AddedToken(w, single_word=True) for w in TRIGGERS])
+    tokenizer = build_tokenizer("llama", TRIGGERS)
     model = _model(tokenizer, g)
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")

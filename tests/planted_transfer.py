@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
-from tokenizers import AddedToken
 from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
-from tests.tiny_models import build_tokenizer
+from tests.tiny_models import SaeSpecs, build_tokenizer
 
 N_LAYERS, D_MODEL, D_SAE, HEAD_DIM = 4, 64, 32, 16
 C_MARK, C_SPEC, C_U, C_S, C_PAD = 0, 1, 2, 3, 4
@@ -39,23 +38,19 @@ VERBS = ("Explain how to", "Tell me how to", "Show me how to", "Write a guide to
 
 
 @dataclass(frozen=True)
-class PlantedTransfer:
+class PlantedTransfer(SaeSpecs):
     model_dir: Path
     sae_dirs: dict[int, Path]
     found: Path                      # JSONL prompts whose stage-2 sets the tests write (label 1)
     held_out: Path                   # JSONL harmful prompts with the other triggers (label 1)
 
-    @property
-    def sae_specs(self) -> tuple[str, ...]:
-        return tuple(f"{layer}={path}" for layer, path in sorted(self.sae_dirs.items()))
 
 
 def build_planted_transfer(out_dir: Path, seed: int = 0) -> PlantedTransfer:
     """Write the model, its SAEs and the two prompt files under out_dir."""
     out_dir = Path(out_dir)
     g = torch.Generator().manual_seed(seed)
-    tokenizer = build_tokenizer("qwen2")
-    tokenizer.add_tokens([AddedToken(w, single_word=True) for w in FOUND + HELD_OUT])
+    tokenizer = build_tokenizer("qwen2", FOUND + HELD_OUT)
     model = _model(tokenizer, g)
     model.save_pretrained(out_dir / "model")
     tokenizer.save_pretrained(out_dir / "model")

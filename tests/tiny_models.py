@@ -67,8 +67,9 @@ _SPECIALS = {
 }
 
 
-def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on a built-in corpus, with `arch`'s special tokens and chat template."""
+def build_tokenizer(arch: str, words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a built-in corpus, with `arch`'s special tokens and chat template;
+    `words` are added as whole-word tokens (the planted models' trigger words)."""
     specials = _SPECIALS[arch]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -76,8 +77,24 @@ def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=256 + _N_MERGES, special_tokens=specials.all,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials.bos, eos_token=specials.eos,
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials.bos, eos_token=specials.eos,
                                    pad_token=specials.pad, chat_template=_TEMPLATES[arch])
+    if words:
+        from tokenizers import AddedToken
+
+        fast.add_tokens([AddedToken(w, single_word=True) for w in words])
+    return fast
+
+
+class SaeSpecs:
+    """Mixin for a planted model's record: its `sae_dirs` ({layer: path}) as LAYER=SOURCE entries."""
+
+    sae_dirs: dict
+
+    @property
+    def sae_specs(self) -> tuple[str, ...]:
+        """The SAEs as LAYER=SOURCE entries, as the stages' settings take them."""
+        return tuple(f"{layer}={path}" for layer, path in sorted(self.sae_dirs.items()))
 
 
 def _config(arch: str, tokenizer: PreTrainedTokenizerFast):
