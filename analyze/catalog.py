@@ -112,12 +112,6 @@ def newest_feature_sets(store: Store, model: str, stage: int) -> dict[str, tuple
     return {} if df.is_empty() else feature_sets(store, df["set_id"][0], stage)
 
 
-def direction_vector(store: Store, direction_id: str) -> tuple[float, ...] | None:
-    """The selected (l*) refusal direction of one direction analysis, if it selected one."""
-    df = store.sql("SELECT vector FROM directions WHERE direction_id = ? AND selected LIMIT 1", [direction_id])
-    return None if df.is_empty() else tuple(float(x) for x in df["vector"][0])
-
-
 def newest_stage3(store: Store, model: str, prune_id: str) -> str | None:
     """The newest stage-3 analysis of the model on this prune analysis (or on sets passed in) with selected sets."""
     df = store.sql("SELECT a.analysis_id FROM analyses a WHERE a.kind = 'stage3' AND a.model = ? "

@@ -32,6 +32,7 @@ import numpy as np
 import polars as pl
 
 from analyze import catalog
+from analyze.direction import load_direction
 from analyze.common import Feature, Log, ablation, analysis_id, evaluate, no_log, split_prompts
 from analyze.controls import stage2_saes
 from analyze.costs import loss_run
@@ -189,10 +190,11 @@ def _direction(store: Store, model: str, wanted: str | None) -> tuple[tuple[str,
                                     [model]).is_empty():
         return None, f"no direction analysis for {model}; run `python cli.py analyze direction`"
     row = catalog.latest_analysis(store, "direction", model, wanted)
-    vector = catalog.direction_vector(store, row["analysis_id"])
-    if vector is None:
+    try:
+        vector = load_direction(store, row["analysis_id"])[1]
+    except UsageError:
         return None, f"direction analysis {row['analysis_id']} selected no l*"
-    return (row["analysis_id"], vector), None
+    return (row["analysis_id"], tuple(float(x) for x in vector)), None
 
 
 def clean_magnitudes(store: Store, model: LoadedModel, prompts: Sequence[Prompt],
