@@ -25,7 +25,8 @@ def opt(flag: str, help_text: str, default: Any = None) -> Any:
 StoreOpt = opt("--store", "Store directory.", DEFAULT_STORE)
 ModelOpt = opt("--model", "Registry name, HF id, .gguf file or HF directory (default: qwen-coder-0.5b).")
 DeviceOpt = opt("--device", "cpu, cuda, cuda:1 ... (default: cuda if available).")
-DtypeOpt = opt("--dtype", "float32 or bfloat16 (default: bfloat16 on cuda, float32 on cpu).")
+DtypeOpt = opt("--dtype", "auto, float32 or bfloat16 (default auto: bfloat16 on cuda and on CPUs with "
+                           "native bf16, AMX or AVX512-BF16; float32 elsewhere).")
 JudgeOpt = opt("--judge", "rubric, content, phrase, p_i[@T], harmbench or llamaguard (GPU + weights).")
 GenerateOpt = opt("--generate", "Greedy completion tokens for judges that read completions.")
 BatchOpt = opt("--batch-size", "Rows per forward pass.")

@@ -167,11 +167,16 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
 
 def lockstep_prune(store: Store, model: LoadedModel, saes: list[SaeRef], prompts: list[Prompt],
                    pools: list[set[Feature]], p_full: np.ndarray, settings: PruneSettings,
-                   log: Log = no_log) -> PruneTrace:
-    """Algorithm 1 for every (prompt, tau, seed), all advancing together: one extraction run per step."""
+                   log: Log = no_log, extract_settings: ExtractSettings | None = None) -> PruneTrace:
+    """Algorithm 1 for every (prompt, tau, seed), all advancing together: one extraction run per step.
+
+    Each step's forwards start at the step's first ablated layer from the stored clean residual
+    (extract/prefix.py); `extract_settings` overrides the step runs' settings (bench/bench_prune.py)."""
+    step_settings = extract_settings or _quiet(settings.batch_size, 0)
+
     def measure(rows: list[int], ablated: list[list[Feature]]) -> Evaluated:
         return evaluate(store, model, [prompts[i] for i in rows], [ablation(a) for a in ablated], saes,
-                        _quiet(settings.batch_size, 0), dedupe=settings.dedupe)
+                        step_settings, dedupe=settings.dedupe)
     return algorithm1(pools, p_full, settings, measure, [p.prompt_id for p in prompts], log)
 
 

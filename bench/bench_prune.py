@@ -1,14 +1,15 @@
 """Stage 2 speed: lockstep batched evaluation vs one forward per evaluation, same work, one process.
 
 Takes the first --prompts prompts of a stage-1 (candidates) analysis in --store, cuts each pool to
-its first --pool-size features, and runs Algorithm 1 (8 taus x 3 seeds) three ways, each into a
+its first --pool-size features, and runs Algorithm 1 (8 taus x 3 seeds) four ways, each into a
 fresh scratch store so that nothing is a cache hit:
   one-by-one  one forward per evaluation (batch 1, no dedupe): every (prompt, tau, seed) run alone
   batched     one extraction run per step, --batch-size rows per forward, no dedupe
-  lockstep    as shipped: batched, and identical (prompt, set) rows of a step computed once
-All three should make the same decisions (the count that differ, from batch padding, is printed). Prints seconds, evaluations/s and the ratios.
+  lockstep    batched, and identical (prompt, set) rows of a step computed once (full forwards)
+  prefix      lockstep with every step's forwards starting at the first ablated layer (the shipped path)
+All should make the same decisions (the count that differ, from batch padding, is printed). Prints seconds, evaluations/s and the ratios.
 
-    flock /tmp/refusalscope-cpu.lock python bench/bench_prune.py --store /tmp/s5_store --prompts 4
+    python bench/bench_prune.py --store stores/quick --prompts 2 --pool-size 100 --skip-one-by-one
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--pool-size", type=int, default=30, help="features per pool (the first, in (layer, feature) order)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--skip-one-by-one", action="store_true", help="leave out the slow one-forward-per-evaluation mode")
     args = ap.parse_args()
 
     model = load_model(args.model, device=args.device)
@@ -57,15 +59,20 @@ def main() -> None:
         scratch = Store.create(Path(tmp) / "p_full")
         p_full = evaluate(scratch, model, prompts, [ablation(sorted(p)) for p in pools], saes,   # warm-up too
                           _quiet(settings.batch_size, 0)).p_i
-        modes = {"one-by-one": replace(settings, batch_size=1, dedupe=False),
-                 "batched": replace(settings, dedupe=False), "lockstep": settings}
+        full = replace(_quiet(settings.batch_size, 0), reuse_prefix=False)
+        modes = {"one-by-one": (replace(settings, batch_size=1, dedupe=False), replace(full, batch_size=1)),
+                 "batched": (replace(settings, dedupe=False), full), "lockstep": (settings, full),
+                 "prefix": (settings, None)}
+        if args.skip_one_by_one:
+            del modes["one-by-one"]
         traces = {}
-        for name, mode in modes.items():
-            traces[name] = lockstep_prune(Store.create(Path(tmp) / name), model, saes, prompts, pools, p_full, mode)
+        for name, (mode, es) in modes.items():
+            traces[name] = lockstep_prune(Store.create(Path(tmp) / name), model, saes, prompts, pools, p_full, mode,
+                                          extract_settings=es)
     decisions = {name: t.steps.select("prompt_id", "tau", "seed", "step", "decision") for name, t in traces.items()}
     n_differ = sum(int((d["decision"] != decisions["lockstep"]["decision"]).sum()) for d in decisions.values())
 
-    base = traces["one-by-one"]
+    base = traces["one-by-one" if "one-by-one" in traces else "batched"]
     device = f"{model.device}, {torch.get_num_threads()} threads"
     print(f"stage 2 on {model.name} ({device}): {len(prompts)} prompts x {len(settings.taus)} taus x "
           f"{len(settings.seeds)} seeds, pools of {args.pool_size}, N={settings.block_size}, "
@@ -74,10 +81,15 @@ def main() -> None:
         print(f"  {name:<11} {trace.seconds:8.1f} s  {trace.n_forward_items:6d} forward rows  "
               f"{trace.n_evaluations / trace.seconds:6.1f} evaluations/s  "
               f"{trace.seconds / len(prompts):6.1f} s per prompt  ratio {base.seconds / trace.seconds:5.2f}")
-    print(f"lockstep batched evaluation vs one forward per evaluation: "
+    print(f"lockstep batched evaluation vs {'one forward per evaluation' if base is traces.get('one-by-one') else 'batched'}: "
           f"{base.seconds:.1f} s -> {traces['lockstep'].seconds:.1f} s  ratio "
           f"{base.seconds / traces['lockstep'].seconds:.2f} (batching alone {base.seconds / traces['batched'].seconds:.2f}, "
           f"dedupe {traces['batched'].seconds / traces['lockstep'].seconds:.2f})")
+    lock, pre = traces["lockstep"], traces["prefix"]
+    print(f"prefix reuse (forwards start at the first ablated layer, extract/prefix.py) vs the full-forward lockstep: "
+          f"{lock.n_evaluations / lock.seconds:.2f} -> {pre.n_evaluations / pre.seconds:.2f} evaluations/s, "
+          f"ratio {lock.seconds / pre.seconds:.2f}; decisions that differ: "
+          f"{int((decisions['prefix']['decision'] != decisions['lockstep']['decision']).sum())} of {lock.n_evaluations}")
 
 
 if __name__ == "__main__":

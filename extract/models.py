@@ -21,6 +21,7 @@ from store.errors import UsageError
 
 DEFAULT_MODEL = "qwen-coder-0.5b"
 CACHE_ENV = "REFUSALSCOPE_CACHE"
+NATIVE_BF16_ENV = "REFUSALSCOPE_NATIVE_BF16"
 META_FILE = "refusalscope.json"                           # written last inside a finished cache dir
 _CHUNK = 16 << 20
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -142,15 +143,35 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "refusalscope")
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16, which torch's oneDNN kernels use).
+
+    $REFUSALSCOPE_NATIVE_BF16=0/1 overrides the check (the tests pin 0, so they run in fp32 everywhere)."""
+    forced = os.environ.get(NATIVE_BF16_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
+
+
+def auto_dtype(device: str) -> torch.dtype:
+    """The default dtype: bfloat16 on CUDA and on CPUs with native bf16, float32 elsewhere (on an AVX2-only CPU
+    bf16 is emulated and slower than fp32)."""
+    return torch.bfloat16 if device.startswith("cuda") or native_bf16() else torch.float32
+
+
 def _device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
     cuda = torch.cuda.is_available()
     device = device or ("cuda" if cuda else "cpu")
     if device.startswith("cuda") and not cuda:
         raise UsageError(f"device {device} requested but no CUDA GPU is visible; pass --device cpu")
-    if dtype is None:
-        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype is None or dtype == "auto":
+        return device, auto_dtype(device)
     if dtype not in _DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        raise UsageError(f"unknown dtype {dtype!r}; use auto or one of {sorted(_DTYPES)}")
     return device, _DTYPES[dtype]
 
 

@@ -23,6 +23,7 @@ from extract.datasets import Prompt
 from extract.hooks import captured, intervened, run_until
 from extract.interventions import Intervention
 from extract.models import LoadedModel
+from extract.prefix import PrefixSource, left_padded, start_layer, started_at
 from extract.saes import SaeRef, encode
 from store import RunPlan, Store, UsageError, begin_run
 from store.settings import Settings
@@ -42,9 +43,13 @@ class ExtractSettings(Settings):
     resid_dtype: str = "float32"          # float32 | float16
     loss: bool = False                    # items.ce_loss: mean next-token CE (nats) over user-role tokens
     logits: bool = True                   # False: stop the forward after the last stored layer (no P("I"))
+    reuse_prefix: bool = True             # start eligible forwards at their first edited block (extract/prefix.py)
+    one_prefill: bool = True              # with generation, P("I") comes from the generation's first step
 
-    # fields added later are hashed into run ids only when not at their default, so older runs keep their ids
-    _HASHED_WHEN_SET = ("loss", "logits", "sae_rows")
+    # fields added later are hashed into run ids only when not at their default, so older runs keep their ids.
+    # reuse_prefix and one_prefill change the arithmetic in the last bits only (other padding, other position
+    # ids), not what is computed, so a run made before them keeps its id and is reused.
+    _HASHED_WHEN_SET = ("loss", "logits", "sae_rows", "reuse_prefix", "one_prefill")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -194,10 +199,12 @@ def extract(store: Store, model: LoadedModel, items: Sequence[Item], saes: Seque
     order = processing_order(items)
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     try:
+        prefix = _prefix_for(store, model, saes, settings, items) if len(done) < len(batches) else None
         for chunk, batch in enumerate(batches):
             n_tok = sum(len(items[i].chat.input_ids) for i in batch)
             if chunk not in done:
-                arrays, tables = _run_batch(model, saes, settings, items, batch, row_start, plan.run_id, resid_np)
+                arrays, tables = _run_batch(model, saes, settings, items, batch, row_start, plan.run_id, resid_np,
+                                            prefix)
                 writer.submit(chunk, arrays, tables)
             if progress:
                 progress(len(batch), n_tok)
@@ -207,6 +214,38 @@ def extract(store: Store, model: LoadedModel, items: Sequence[Item], saes: Seque
         writer.abort()
         raise
     return RunResult(plan.run_id, False, plan.n_items, plan.n_rows)
+
+
+def prefix_layer(model: LoadedModel, saes: Sequence[SaeRef], settings: ExtractSettings,
+                 items: Sequence[Item]) -> int | None:
+    """The block this run's forwards can start at (extract/prefix.py), None when they run in full."""
+    if not settings.reuse_prefix or not settings.logits or settings.generate or settings.loss:
+        return None
+    layer = start_layer([it.intervention for it in items], model.n_layers)
+    stored = set(settings.layers) | ({s.layer for s in saes} if settings.sae_rows else set())
+    return layer if layer is not None and all(l >= layer for l in stored) else None
+
+
+def prefix_source(store: Store, model: LoadedModel, items: Sequence[Item], layer: int) -> PrefixSource:
+    """The clean residual after block layer - 1 of the items' prompts: an ordinary run, computed once."""
+    uniq = {(it.prompt.prompt_id, it.raw): it for it in items}
+    clean = [Item(it.prompt, Intervention(), it.chat, it.raw) for it in uniq.values()]
+    settings = ExtractSettings(layers=(layer - 1,), positions="all", logits=False, sae_rows=False,
+                               batch_size=32)
+    run = extract(store, model, clean, (), settings)
+    rows = store.sql("SELECT item, row_start, n_rows FROM items WHERE run_id = ? ORDER BY item", [run.run_id])
+    every = store.read_rows(run.run_id, f"resid/{layer - 1}", np.arange(run.n_rows))
+    residuals = {clean[i].prompt.prompt_id: every[start:start + n]
+                 for i, start, n in rows.select("item", "row_start", "n_rows").iter_rows()}
+    return PrefixSource(run.run_id, layer, residuals)
+
+
+def _prefix_for(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings: ExtractSettings,
+                items: Sequence[Item]) -> PrefixSource | None:
+    layer = prefix_layer(model, saes, settings, items)
+    if layer is None or len({it.raw for it in items}) > 1:   # one rendering per prompt id in the prefix run
+        return None
+    return prefix_source(store, model, items, layer)
 
 
 def _validate(model: LoadedModel, saes: Sequence[SaeRef], settings: ExtractSettings,
@@ -241,14 +280,34 @@ def _layers_table(run_id: str, model: LoadedModel, saes: Sequence[SaeRef],
 @torch.inference_mode()
 def _run_batch(model: LoadedModel, saes: Sequence[SaeRef], settings: ExtractSettings,
                items: Sequence[Item], batch: list[int], row_start: np.ndarray, run_id: str,
-               resid_np: type) -> tuple[list[tuple[str, int, np.ndarray]], dict[str, pl.DataFrame]]:
-    """One batched forward: residuals, SAE activations, P("I") and optional completions."""
+               resid_np: type, prefix: PrefixSource | None = None
+               ) -> tuple[list[tuple[str, int, np.ndarray]], dict[str, pl.DataFrame]]:
+    """One batched forward: residuals, SAE activations, P("I") and optional completions.
+
+    With `prefix`, the forward starts at block prefix.layer from the stored clean residual. With
+    generation (and `one_prefill`, no loss, nothing captured), P("I") is read from the generation's first
+    step, so the prompt is run once."""
     ids, mask, pad = _left_pad([items[i].chat.input_ids for i in batch], model)
     specs = [items[i].intervention for i in batch]
     sae_by_layer = {s.layer: s.sae for s in saes}
     want = sorted(set(settings.layers) | set(sae_by_layer))
+    capture = sorted(set(settings.layers) | (set(sae_by_layer) if settings.sae_rows else set()))
     embed = model.model.get_input_embeddings()
-    if not settings.logits:                                           # residuals only: stop after the last layer
+    if settings.logits and settings.generate and settings.one_prefill and not settings.loss and not capture:
+        acts: dict[int, torch.Tensor] = {}
+        ce = None
+        completions, logits = _generate(model, ids, mask, specs, sae_by_layer, pad, settings.generate,
+                                        first_logits=True)
+        probs, p_i = _p_i(model, logits)
+    elif prefix is not None:
+        h_prev = left_padded(prefix, [items[i].prompt.prompt_id for i in batch], ids.shape[1], model.dtype,
+                             model.device)
+        with intervened(model.blocks, specs, sae_by_layer, embed, pad_offsets=pad), \
+                started_at(model.blocks, prefix.layer, h_prev), captured(model.blocks, capture) as acts:
+            logits = model.model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1].clone()
+        probs, p_i = _p_i(model, logits)
+        ce = completions = None
+    elif not settings.logits:                                           # residuals only: stop after the last layer
         with intervened(model.blocks, specs, sae_by_layer, embed, pad_offsets=pad), \
                 captured(model.blocks, want) as acts:
             run_until(model.model, {"input_ids": ids, "attention_mask": mask}, model.blocks, max(want))
@@ -261,8 +320,7 @@ def _run_batch(model: LoadedModel, saes: Sequence[SaeRef], settings: ExtractSett
         logits = every[:, -1].clone()                                 # [batch, vocab]; frees `every` below
         ce = _ce_losses(every, items, batch, pad) if settings.loss else None
         del every
-        probs = torch.softmax(logits.float(), dim=-1)                 # [batch, vocab]
-        p_i = probs[:, list(model.i_token_ids)].sum(-1).clamp(1e-12, 1 - 1e-7)
+        probs, p_i = _p_i(model, logits)
         completions = _generate(model, ids, mask, specs, sae_by_layer, pad, settings.generate)
 
     rows = [(b, row_start[i], _rows_of(len(items[i].chat.input_ids), settings.last_n)) for b, i in enumerate(batch)]
@@ -285,6 +343,12 @@ def _run_batch(model: LoadedModel, saes: Sequence[SaeRef], settings: ExtractSett
     return arrays, tables
 
 
+def _p_i(model: LoadedModel, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token probabilities [batch, vocab] and P("I") [batch] from last-position logits."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    return probs, probs[:, list(model.i_token_ids)].sum(-1).clamp(1e-12, 1 - 1e-7)
+
+
 def _gather(h: torch.Tensor, rows, pad: torch.Tensor) -> torch.Tensor:
     """The stored positions of each batch row, concatenated: [n_rows_batch, d_model]."""
     return torch.cat([h[b, int(pad[b]) + torch.from_numpy(pos)] for b, _, pos in rows])
@@ -304,18 +368,24 @@ def _left_pad(seqs: list[list[int]], model: LoadedModel) -> tuple[torch.Tensor, 
 
 
 def _generate(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, specs: list[Intervention],
-              saes: dict[int, Any], pad: torch.Tensor, n_new: int) -> tuple[list[str], np.ndarray] | None:
-    """Greedy completions under the same interventions (texts, ids [batch, n_new] padded with -1)."""
+              saes: dict[int, Any], pad: torch.Tensor, n_new: int, first_logits: bool = False):
+    """Greedy completions under the same interventions (texts, ids [batch, n_new] padded with -1); with
+    `first_logits`, also the logits of the first step (the last prompt position) [batch, vocab]."""
     if not n_new:
         return None
     eos = model.eos_token_ids                         # a property that reads the whole vocab: once, not per token
     with intervened(model.blocks, specs, saes, model.model.get_input_embeddings(), pad_offsets=pad):
         out = model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
-                                   eos_token_id=list(eos), pad_token_id=eos[0])
-    new = out[:, ids.shape[1]:].cpu()
-    result = np.full((len(specs), n_new), -1, dtype=np.int32)
+                                   eos_token_id=list(eos), pad_token_id=eos[0],
+                                   return_dict_in_generate=True, output_logits=first_logits)
+    completions = _decoded(model, out.sequences[:, ids.shape[1]:].cpu(), len(specs), n_new, eos)
+    return (completions, out.logits[0]) if first_logits else completions
+
+
+def _decoded(model: LoadedModel, new: torch.Tensor, n: int, n_new: int, eos: tuple[int, ...]):
+    result = np.full((n, n_new), -1, dtype=np.int32)
     texts = []
-    for b in range(len(specs)):
+    for b in range(n):
         toks = new[b].tolist()
         cut = next((k for k, t in enumerate(toks) if t in eos), len(toks))
         result[b, :cut] = toks[:cut]

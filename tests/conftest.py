@@ -5,6 +5,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 _USER_CACHE = os.environ.get("REFUSALSCOPE_CACHE")      # the real-model test opts back into it
+# `--dtype auto` picks bf16 on CPUs with native bf16; the tests pin fp32 so they give the same numbers on
+# every machine (tests/test_models.py checks the choice itself)
+os.environ["REFUSALSCOPE_NATIVE_BF16"] = "0"
 
 import pytest  # noqa: E402
 

@@ -91,6 +91,20 @@ def test_dtype_override(tiny_model_dir):
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("native, expected", [("1", torch.bfloat16), ("0", torch.float32)])
+def test_auto_dtype_follows_the_cpu(tiny_model_dir, monkeypatch, native, expected):
+    monkeypatch.setenv(models.NATIVE_BF16_ENV, native)
+    assert load_model(str(tiny_model_dir)).dtype == expected
+    assert load_model(str(tiny_model_dir), dtype="auto").dtype == expected
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch):
+    monkeypatch.delenv(models.NATIVE_BF16_ENV)
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert models.native_bf16() == any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"name_or_path": "no-such-model"}, list(REGISTRY)),
     ({"name_or_path": "./missing/model.gguf"}, ["no such file", "missing/model.gguf"]),
