@@ -34,7 +34,7 @@ class ExtractRequest(Settings):
     save_logits: bool = False               # last-position logits (float16) in Zarr
     batch_size: int = 16
     device: str | None = None               # None: cuda if available
-    dtype: str | None = None                # None: bfloat16 on cuda, float32 on cpu
+    dtype: str | None = None                # None: auto (bfloat16 on cuda and on CPUs with native bf16, else float32)
 
 
 def run_extract(store_path: str, req: ExtractRequest, log: Callable[[str], None]) -> RunSummary:
