@@ -42,7 +42,9 @@ from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
 from extract.datasets import Prompt, load_prompts, text_windows
+from extract.hooks import captured
 from extract.models import LoadedModel
+from extract.prefix import started_at
 from extract.run import ExtractSettings, extract, make_items
 from extract.saes import load_sae
 from store.errors import UsageError
@@ -269,56 +271,96 @@ def firing_counts(sae, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     return counts
 
 
+@dataclass(frozen=True)
+class CleanPass:
+    """The clean forward over the CE windows, once for every layer: its mean CE and the residuals it passed."""
+    ce: float
+    residuals: dict[int, list[torch.Tensor]]          # layer -> per batch of windows [batch, seq, d_model]
+
+
+@torch.no_grad()
+def clean_pass(model: LoadedModel, windows: Sequence[Sequence[int]], layers: Sequence[int],
+               batch_size: int = 4) -> CleanPass:
+    """Mean next-token CE (nats) of the clean model on the windows, keeping the residuals at `layers`."""
+    total, n = 0.0, 0
+    residuals: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for i in range(0, len(windows), batch_size):
+        ids = torch.tensor(windows[i:i + batch_size], device=model.device)
+        with captured(model.blocks, list(layers)) as acts:
+            logits = model.model(input_ids=ids, use_cache=False).logits
+        for layer in layers:
+            residuals[layer].append(acts[layer])
+        total += _ce_sum(logits, ids)
+        n += ids[:, 1:].numel()
+    return CleanPass(total / n, residuals)
+
+
 @torch.no_grad()
 def spliced_losses(model: LoadedModel, sae, layer: int, windows: Sequence[Sequence[int]], massive_norm: float,
-                   batch_size: int = 4, modes: Sequence[str] = ("clean", "spliced", "zero")) -> dict[str, float]:
+                   batch_size: int = 4, modes: Sequence[str] = ("clean", "spliced", "zero"),
+                   clean: CleanPass | None = None) -> dict[str, float]:
     """Mean next-token CE (nats) on windows: clean, SAE reconstruction spliced in, zero-ablated.
 
     Spliced/zeroed at every position of layer `layer` except position 0 and rows whose norm exceeds
-    `massive_norm` (the massive activations, which the SAE was not trained on).
+    `massive_norm` (the massive activations, which the SAE was not trained on). With `clean` (the clean
+    pass over the same windows and batch size, holding this layer), the edited forwards start at block
+    layer + 1 from the stored clean residual instead of rerunning blocks 0..layer (extract/prefix.py).
     """
     totals = {mode: 0.0 for mode in modes}
     n = 0
-    for i in range(0, len(windows), batch_size):
+    reuse = clean is not None and layer in clean.residuals and layer + 1 < model.n_layers
+    for k, i in enumerate(range(0, len(windows), batch_size)):
         ids = torch.tensor(windows[i:i + batch_size], device=model.device)
         for mode in totals:
-            handle = None
-            if mode != "clean":
-                handle = model.blocks[layer].register_forward_hook(_splice_hook(sae, mode, massive_norm))
-            try:
+            if mode == "clean":
                 logits = model.model(input_ids=ids, use_cache=False).logits
-            finally:
-                if handle is not None:
+            elif reuse:
+                h = _splice(sae, mode, massive_norm, clean.residuals[layer][k])
+                with started_at(model.blocks, layer + 1, h):
+                    logits = model.model(input_ids=ids, use_cache=False).logits
+            else:
+                handle = model.blocks[layer].register_forward_hook(_splice_hook(sae, mode, massive_norm))
+                try:
+                    logits = model.model(input_ids=ids, use_cache=False).logits
+                finally:
                     handle.remove()
-            ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
-                                                   reduction="sum")
-            totals[mode] += float(ce)
+            totals[mode] += _ce_sum(logits, ids)
             del logits
         n += ids[:, 1:].numel()
     return {mode: total / n for mode, total in totals.items()}
 
 
+def _ce_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                                   reduction="sum"))
+
+
+def _splice(sae, mode: str, massive_norm: float, h: torch.Tensor) -> torch.Tensor:
+    """h with the SAE reconstruction (or zeros) in place of every ordinary row (not position 0, not massive)."""
+    ordinary = h.norm(dim=-1) <= massive_norm                           # [batch, seq]
+    ordinary[:, 0] = False
+    if mode == "spliced":
+        new = sae.decode(sae.encode(h.to(sae.W_dec.dtype))).to(h.dtype)
+    else:
+        new = torch.zeros_like(h)
+    return torch.where(ordinary[..., None], new, h)
+
+
 def _splice_hook(sae, mode: str, massive_norm: float):
     def hook(module, args, out):
-        h = out[0] if isinstance(out, tuple) else out
-        ordinary = h.norm(dim=-1) <= massive_norm                       # [batch, seq]
-        ordinary[:, 0] = False
-        if mode == "spliced":
-            new = sae.decode(sae.encode(h.to(sae.W_dec.dtype))).to(h.dtype)
-        else:
-            new = torch.zeros_like(h)
-        h = torch.where(ordinary[..., None], new, h)
+        h = _splice(sae, mode, massive_norm, out[0] if isinstance(out, tuple) else out)
         return (h, *out[1:]) if isinstance(out, tuple) else h
     return hook
 
 
 def quality(model: LoadedModel, sae, data: LayerData, layer: int, ce_ids: Sequence[Sequence[int]],
-            ratio: float, ce_clean: float | None = None) -> dict:
+            ratio: float, clean: CleanPass | None = None) -> dict:
     x_hat, l0 = reconstruct(sae, data.eval)
     m_hat, _ = reconstruct(sae, data.massive)
     counts = firing_counts(sae, data.train)
-    modes = ("spliced", "zero") if ce_clean is not None else ("clean", "spliced", "zero")
-    losses = {"clean": ce_clean, **spliced_losses(model, sae, layer, ce_ids, ratio * data.median_norm, modes=modes)}
+    modes = ("spliced", "zero") if clean is not None else ("clean", "spliced", "zero")
+    losses = {"clean": clean.ce if clean is not None else None,
+              **spliced_losses(model, sae, layer, ce_ids, ratio * data.median_norm, modes=modes, clean=clean)}
     massive_err = (float(((data.massive - m_hat) ** 2).sum() / (data.massive ** 2).sum())
                    if len(data.massive) else float("nan"))
     d_spliced, d_zero = losses["spliced"] - losses["clean"], losses["zero"] - losses["clean"]
@@ -373,9 +415,9 @@ def train_saes(store: Store, model: LoadedModel, settings: TrainSettings,
                   for p in evals[:settings.ce_windows]]
         ce_len = min(len(ids) for ids in ce_ids)
         ce_ids = [ids[:ce_len] for ids in ce_ids]
-        ce_clean = spliced_losses(model, None, 0, ce_ids, 0.0, modes=("clean",))["clean"]   # once for all layers
+        clean = clean_pass(model, ce_ids, todo)                                  # once for all layers
         for layer in todo:
-            results[layer] = _train_one(store, model, settings, layer, runs, ce_ids, ce_clean)
+            results[layer] = _train_one(store, model, settings, layer, runs, ce_ids, clean)
             m = results[layer].metrics
             log(f"layer {layer}: FVU {m['fvu']:.3f}  L0 {m['l0']:.1f}  dead {m['dead_frac']:.1%}  "
                 f"CE +{m['ce_increase']:.3f} (zero-abl. +{m['ce_zero_increase']:.3f})  {m['train_seconds']:.0f} s")
@@ -388,13 +430,13 @@ def train_saes(store: Store, model: LoadedModel, settings: TrainSettings,
 
 
 def _train_one(store: Store, model: LoadedModel, settings: TrainSettings, layer: int,
-               runs: dict[str, str], ce_ids, ce_clean: float | None = None) -> LayerResult:
+               runs: dict[str, str], ce_ids, clean: CleanPass | None = None) -> LayerResult:
     data = layer_data(store, runs, layer, settings.massive_ratio)
     if len(data.train) < 2:
         raise UsageError(f"layer {layer}: only {len(data.train)} training rows; raise --tokens")
     t0 = time.perf_counter()
     sae, stats = train_layer(data.train, settings, layer, device=model.device)
-    metrics = {**quality(model, sae, data, layer, ce_ids, settings.massive_ratio, ce_clean), **stats,
+    metrics = {**quality(model, sae, data, layer, ce_ids, settings.massive_ratio, clean), **stats,
                "seconds": time.perf_counter() - t0, "runs": runs}
     rel = sae_dir(store, model.name, settings, layer)
     sae.save_inference_model(store.path / rel)

@@ -13,6 +13,7 @@ from extract.models import load_model
 from extract.saes import load_sae
 from store import Store
 from store.errors import UsageError
+from tests.tiny_saes import build_tiny_sae
 
 
 def _rows(n: int, d: int, seed: int) -> torch.Tensor:
@@ -143,3 +144,21 @@ def test_spliced_loss_of_an_exact_sae_is_the_clean_loss(tiny_model_dirs):
     assert abs(losses["clean"] - direct) < 1e-5
     assert abs(losses["spliced"] - losses["clean"]) < 1e-4
     assert abs(losses["zero"] - losses["clean"]) > 1e-3             # zeroing layer 1 does change the loss
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2"])
+def test_spliced_losses_from_the_clean_pass_equal_the_full_forwards(tiny_model_dirs, tmp_path, arch):
+    """The edited forwards that start at block layer + 1 from the clean pass's residual give the same losses."""
+    model = load_model(str(tiny_model_dirs(arch)))
+    windows = [list(range(5, 25)), list(range(30, 50)), list(range(7, 27))]
+    sae_path = build_tiny_sae("topk", model.d_model, 4 * model.d_model, tmp_path / "sae", seed=3)
+    sae = load_sae(str(sae_path))
+    clean = st.clean_pass(model, windows, [0, 1], batch_size=2)
+    full = st.spliced_losses(model, sae, 0, windows, massive_norm=1e9, batch_size=2)
+    assert clean.ce == pytest.approx(full["clean"], abs=1e-6)
+    for layer in (0, 1):
+        reused = st.spliced_losses(model, sae, layer, windows, 1e9, batch_size=2, modes=("spliced", "zero"),
+                                   clean=clean)
+        direct = st.spliced_losses(model, sae, layer, windows, 1e9, batch_size=2, modes=("spliced", "zero"))
+        assert reused == pytest.approx(direct, abs=1e-6)
+        assert reused["zero"] != pytest.approx(clean.ce, abs=1e-4)   # the splice did act
