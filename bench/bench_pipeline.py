@@ -16,6 +16,7 @@ stage's measured seconds per row scaled by its generated-token share. No model r
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ def outcomes(store: Store, model: str) -> dict[str, float]:
         cid = cand["analysis_id"][0]
         sets = store.sql("SELECT prompt_id, k, jailbroken, chosen FROM candidate_sets WHERE candidates_id = ?", [cid])
         out["stage1_prompts"] = sets["prompt_id"].n_unique()
+        out["stage1_refused"] = sets.filter(sets["k"] > 0)["prompt_id"].n_unique()   # the prompts swept past K = 0
         chosen = sets.filter(sets["chosen"])
         out["stage1_broken"] = chosen.height
         out["mean_k"] = float(chosen["k"].mean()) if chosen.height else 0.0
@@ -111,7 +113,7 @@ def _direction_layers(s: PipelineSettings) -> int:
 
 
 def _stage2_prompts(s: PipelineSettings, o: dict[str, float]) -> float:
-    broken_share = o.get("stage1_broken", 0) / max(o.get("stage1_prompts", 1), 1)
+    broken_share = o.get("stage1_broken", 0) / max(o.get("stage1_refused", 1), 1)
     refused = s.candidates.n_prompts * o.get("refused_share", 1.0)
     return min(s.prune.max_prompts or 10**9, refused * broken_share)
 
@@ -168,6 +170,21 @@ def settings_of(profile: str) -> PipelineSettings:
     return PipelineSettings.from_dict(read_profile(profile, N_LAYERS))
 
 
+def recorded_settings(store: Store, model: str, profile: str) -> PipelineSettings:
+    """The settings the store's stages actually ran with (the profile file may have changed since)."""
+    raw: dict[str, Any] = {"profile": profile}
+    rows = store.sql("SELECT stage, settings FROM pipeline_stages WHERE model = ? AND profile = ?", [model, profile])
+    for stage, settings in rows.iter_rows():
+        settings = json.loads(settings)
+        if stage == "saes":
+            raw["sae"] = settings
+        elif stage == "taxonomy":
+            raw["n_coconot"] = settings.get("n_coconot")
+        elif stage in FORMULAS:
+            raw[stage] = {k: v for k, v in settings.items() if v is not None}
+    return PipelineSettings.from_dict(raw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", required=True, help="a store that `cli.py run` filled")
@@ -192,9 +209,9 @@ def main() -> None:
     total = sum(w.seconds for w in work.values())
     print(f"{'total':<11} {'':>5} {'':>7} {'':>10} {'':>9} {total:>8.0f}")
 
-    measured, target = settings_of(args.profile), settings_of(args.predict)
+    measured, target = recorded_settings(store, args.model, args.profile), settings_of(args.predict)
     o = outcomes(store, args.model)
-    o["refused_share"] = o.get("stage1_prompts", 0) / max(measured.candidates.n_prompts, 1) or 1.0
+    o["refused_share"] = o.get("stage1_refused", 0) / max(o.get("stage1_prompts", 1), 1)
     # stage 2 runs one extraction run per lockstep step: as many as the largest pool has blocks
     o["blocks_ratio"] = (_pool(target, o) / target.prune.block_size + 2) / max(o.get("mean_blocks", 1) + 2, 1)
     print(f"\noutcomes measured: {', '.join(f'{k} {v:.3g}' for k, v in o.items())}")
