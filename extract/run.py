@@ -374,12 +374,22 @@ def _generate(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, specs: 
     if not n_new:
         return None
     eos = model.eos_token_ids                         # a property that reads the whole vocab: once, not per token
-    with intervened(model.blocks, specs, saes, model.model.get_input_embeddings(), pad_offsets=pad):
-        out = model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
-                                   eos_token_id=list(eos), pad_token_id=eos[0],
-                                   return_dict_in_generate=True, output_logits=first_logits)
-    completions = _decoded(model, out.sequences[:, ids.shape[1]:].cpu(), len(specs), n_new, eos)
-    return (completions, out.logits[0]) if first_logits else completions
+    first: list[torch.Tensor] = []                    # the first forward's logits: the prefill's last position
+
+    def keep_first(module, args, out):                # on the whole model: logits after any final soft-capping
+        if not first:
+            first.append(out.logits[:, -1].detach().clone())
+
+    head = model.model.register_forward_hook(keep_first) if first_logits else None
+    try:
+        with intervened(model.blocks, specs, saes, model.model.get_input_embeddings(), pad_offsets=pad):
+            out = model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
+                                       eos_token_id=list(eos), pad_token_id=eos[0])
+    finally:
+        if head is not None:
+            head.remove()
+    completions = _decoded(model, out[:, ids.shape[1]:].cpu(), len(specs), n_new, eos)
+    return (completions, first[0]) if first_logits else completions
 
 
 def _decoded(model: LoadedModel, new: torch.Tensor, n: int, n_new: int, eos: tuple[int, ...]):
