@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default=None)
     ap.add_argument("--skip-one-by-one", action="store_true", help="leave out the slow one-forward-per-evaluation mode")
+    ap.add_argument("--modes", default=None, help="a comma list of modes to run (e.g. lockstep,prefix)")
     args = ap.parse_args()
 
     model = load_model(args.model, device=args.device)
@@ -65,6 +66,8 @@ def main() -> None:
                  "prefix": (settings, None)}
         if args.skip_one_by_one:
             del modes["one-by-one"]
+        if args.modes:
+            modes = {name: modes[name] for name in args.modes.split(",")}
         traces = {}
         for name, (mode, es) in modes.items():
             traces[name] = lockstep_prune(Store.create(Path(tmp) / name), model, saes, prompts, pools, p_full, mode,
@@ -72,7 +75,7 @@ def main() -> None:
     decisions = {name: t.steps.select("prompt_id", "tau", "seed", "step", "decision") for name, t in traces.items()}
     n_differ = sum(int((d["decision"] != decisions["lockstep"]["decision"]).sum()) for d in decisions.values())
 
-    base = traces["one-by-one" if "one-by-one" in traces else "batched"]
+    base = traces[next(n for n in ("one-by-one", "batched", "lockstep") if n in traces)]
     device = f"{model.device}, {torch.get_num_threads()} threads"
     print(f"stage 2 on {model.name} ({device}): {len(prompts)} prompts x {len(settings.taus)} taus x "
           f"{len(settings.seeds)} seeds, pools of {args.pool_size}, N={settings.block_size}, "
@@ -81,10 +84,12 @@ def main() -> None:
         print(f"  {name:<11} {trace.seconds:8.1f} s  {trace.n_forward_items:6d} forward rows  "
               f"{trace.n_evaluations / trace.seconds:6.1f} evaluations/s  "
               f"{trace.seconds / len(prompts):6.1f} s per prompt  ratio {base.seconds / trace.seconds:5.2f}")
-    print(f"lockstep batched evaluation vs {'one forward per evaluation' if base is traces.get('one-by-one') else 'batched'}: "
-          f"{base.seconds:.1f} s -> {traces['lockstep'].seconds:.1f} s  ratio "
-          f"{base.seconds / traces['lockstep'].seconds:.2f} (batching alone {base.seconds / traces['batched'].seconds:.2f}, "
-          f"dedupe {traces['batched'].seconds / traces['lockstep'].seconds:.2f})")
+    if "batched" in traces:
+        print(f"lockstep batched evaluation vs {'one forward per evaluation' if 'one-by-one' in traces else 'batched'}: "
+              f"{base.seconds:.1f} s -> {traces['lockstep'].seconds:.1f} s  ratio "
+              f"{base.seconds / traces['lockstep'].seconds:.2f} (batching alone "
+              f"{base.seconds / traces['batched'].seconds:.2f}, dedupe "
+              f"{traces['batched'].seconds / traces['lockstep'].seconds:.2f})")
     lock, pre = traces["lockstep"], traces["prefix"]
     print(f"prefix reuse (forwards start at the first ablated layer, extract/prefix.py) vs the full-forward lockstep: "
           f"{lock.n_evaluations / lock.seconds:.2f} -> {pre.n_evaluations / pre.seconds:.2f} evaluations/s, "
