@@ -58,6 +58,8 @@ def analyze_candidates(
     seed: Optional[int] = opt("--seed", "Seed of the dataset's order and split."),
     ks: Optional[str] = opt("--ks", "K values (latents per layer): 10,20,50 or start:stop:step."),
     ks_per_round: Optional[int] = opt("--ks-per-round", "Values of K per batched run."),
+    ablate_first: Optional[bool] = opt("--ablate-first/--no-ablate-first",
+                                       "Zero-ablate at position 0 (the massive-activation sink) too."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
