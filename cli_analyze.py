@@ -240,6 +240,7 @@ def analyze_taxonomy(
     explanations: Optional[Path] = opt("--explanations", "Import feature explanations first (CSV/JSON/JSONL: "
                                        "layer, feature or index, explanation or description)."),
     level: Optional[str] = opt("--level", "category or subcategory."),
+    subset: Optional[str] = opt("--subset", "unsafe (CoCoNot's unsafe requests, as the paper's Fig. 3) or all."),
     min_prompts: Optional[int] = opt("--min-prompts", "A feature belongs to a category when it fires on >= N of its prompts."),
     features: Optional[str] = opt("--features", "sets (the store's feature sets) or all."), store: str = StoreOpt,
 ) -> None:
@@ -252,4 +253,4 @@ def analyze_taxonomy(
             _log(f"imported {m.import_explanations(s, explanations)} explanations from {explanations}")
         return m.run(s, built)
     stage_command("analyze.taxonomy", store, lambda m: m.TaxonomySettings.from_options(
-        level=level, min_prompts=min_prompts, features=features), run, needs_model=False)
+        level=level, subset=subset, min_prompts=min_prompts, features=features), run, needs_model=False)
