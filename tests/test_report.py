@@ -64,7 +64,9 @@ def test_report_has_every_section_and_runs_what_the_store_has(tmp_path):
     assert [t for t, _ in result.sections] == [s.title for s in SECTIONS]
     assert not [t for t, s in result.sections if s == "error"], result.sections
     assert status["Costs: cross-entropy loss"] == "ok"
-    assert status["Taxonomy: features by CoCoNot category"] == "ok"
+    assert status["Taxonomy: features by CoCoNot harm subcategory (unsafe requests)"] == "ok"
+    assert status["Findings: the paper's headline figures beside ours"] == "ok"
+    assert result.sections[0][0].startswith("Findings")                 # the findings come first
     assert status["Feature cards"] == "ok"
     assert status["Redundancy: dormant features and where they switch on"] == "not run"
     html = result.html.read_text()
