@@ -25,7 +25,7 @@ matplotlib.use("Agg")                                  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
-from analyze import findings, rejudge, taxonomy  # noqa: E402
+from analyze import clamping, findings, rejudge, taxonomy  # noqa: E402
 from analyze.judge_eval import agreement_table  # noqa: E402
 from analyze.cards import CardSettings, FeatureCard, cards  # noqa: E402
 from store import Store, UsageError  # noqa: E402
@@ -208,9 +208,11 @@ SELECT analysis_id, role, count(*) AS n_switch_on,
        count(*) / sum(count(*)) OVER (PARTITION BY analysis_id) AS share
 FROM redundancy_switch_on GROUP BY analysis_id, role ORDER BY analysis_id, share DESC"""
 
-CLAMPING_SQL = """-- benign prompts with the switched-on features clamped at the first token (value NULL: unclamped);
--- features_from: switched on in prompts that need them, or in any prompt when none does
-SELECT c.analysis_id, coalesce(json_extract_string(r.metrics, '$.clamping.source'), 'kept prompts') AS features_from,
+CLAMPING_SQL = """-- benign prompts with the switched-on features clamped at the analysis' positions (0: the first token,
+-- -1: the last prompt position; value NULL: unclamped); features_from: switched on in prompts that need them, or in
+-- any prompt when none does
+SELECT c.analysis_id, CAST(json_extract(r.settings, '$.clamp_positions') AS VARCHAR) AS positions,
+       coalesce(json_extract_string(r.metrics, '$.clamping.source'), 'kept prompts') AS features_from,
        c.prompt_id, c.value, c.n_features, c.p_i,
        CASE WHEN length(c.completion) > 140 THEN left(c.completion, 137) || '...' ELSE c.completion END AS completion
 FROM redundancy_clamping c JOIN redundancy_analyses r USING (analysis_id)
@@ -360,6 +362,30 @@ def _render_costs(store, frames, sql, settings):
     return [Table(df, "feature ablation: mean ± std over the per-prompt sets", sql[0]), _figure(fig, "CE loss")]
 
 
+SWITCH_ON_POSITIONS_SQL = """-- where the backups switch on, counted from the end of the prompt (-1: the last prompt token)
+SELECT s.analysis_id, s.role, s.pos - i.n_tokens AS position_from_end, count(*) AS n_switch_on,
+       count(*) / sum(count(*)) OVER (PARTITION BY s.analysis_id) AS share
+FROM redundancy_switch_on s JOIN items i ON i.run_id = s.run_id AND i.item = s.item
+GROUP BY s.analysis_id, s.role, s.pos - i.n_tokens ORDER BY s.analysis_id, n_switch_on DESC, position_from_end"""
+
+
+def _render_clamping(store, frames, sql, settings):
+    clamped, where = frames
+    values = sorted({float(v) for v in clamped["value"].drop_nulls()})
+    layers = sorted({int(l) for l in store.sql("SELECT DISTINCT layer FROM redundancy_switch_on")["layer"]})
+    scale = clamping.clamp_scale(store, layers, values)
+    parts: list[Part] = [Table(clamped, "completions per clamp value (value empty: unclamped)", sql[0]),
+                         Table(where, "where the backups switch on", sql[1])]
+    if scale.height:
+        parts += [Note("Clamp values against the residual: position 0 is a massive-activation sink the SAEs never saw, "
+                       "so a clamp of 2..10 there is a few thousandths of its norm; at the last prompt position, where "
+                       "the backups mostly switch on, the same values are a sizeable share of it "
+                       "(`python cli.py analyze redundancy --clamp-positions=-1` clamps there)."),
+                  Table(scale, "median residual norm per layer of the switched-on features (stored unablated rows), and "
+                        "each clamp value over it", clamping.SCALE_ROWS_SQL)]
+    return parts
+
+
 def _render_taxonomy(store, frames, sql, settings):
     mapping, per_category, multi, prompts = frames
     shipped = len(taxonomy.coconot_prompts("unsafe"))
@@ -501,8 +527,9 @@ SECTIONS: list[Section] = [
     Section("Redundancy: dormant features and where they switch on",
             (REDUNDANCY_PROMPTS_SQL, REDUNDANCY_ABLATIONS_SQL, REDUNDANCY_SWITCH_ON_SQL), _generic,
             ("redundancy_prompts",), "python cli.py analyze redundancy"),
-    Section("Clamping switched-on features at the first token", (CLAMPING_SQL,), _generic,
-            ("redundancy_clamping",), "python cli.py analyze redundancy"),
+    Section("Clamping switched-on features (the first token, and where they switch on)",
+            (CLAMPING_SQL, SWITCH_ON_POSITIONS_SQL), _render_clamping, ("redundancy_clamping",),
+            "python cli.py analyze redundancy (--clamp-positions=-1: where the backups switch on)"),
     Section("Controls: random active features", (CONTROLS_SQL,), _generic, ("set_checks",),
             "python cli.py analyze prune"),
     Section("Controls: O'Brien et al. baseline (features active on >= k tokens)", (OBRIEN_SQL, OBRIEN_PROMPTS_SQL),
