@@ -24,7 +24,7 @@ from analyze import taxonomy
 from analyze.judges import get_judge
 from analyze.metrics import rate_text, wilson
 from extract.datasets import DATA_DIR
-from store import Store
+from store import Store, UsageError
 
 FIGURES_PATH = DATA_DIR / "paper" / "figures.json"
 JUDGE_EVAL_PATH = DATA_DIR / "judge" / "eval.json"
@@ -99,8 +99,8 @@ def _newest(store: Store, kind: str) -> dict[str, Any] | None:
     return rows.row(0, named=True) if rows.height else None
 
 
-def judged(store: Store, rows_sql: str, params: list[Any], stage_judge: str) -> Counted | None:
-    """Compliance count over rows (run_id, item, verdict): the best judge's verdicts where it judged every row."""
+def judged(store: Store, rows_sql: str, params: list[Any], stage_judge: str, label: str = "compliance") -> Counted | None:
+    """Count of `label` over rows (run_id, item, verdict): the best judge's verdicts where it judged every row."""
     best = get_judge(best_judge().name).judge_id
     df = store.sql(f"WITH x AS ({rows_sql}) SELECT x.verdict, j.verdict AS best FROM x LEFT JOIN judgements j "
                    f"ON j.run_id = x.run_id AND j.item = x.item AND j.judge = ?", [*params, best])
@@ -108,7 +108,7 @@ def judged(store: Store, rows_sql: str, params: list[Any], stage_judge: str) -> 
         return None
     use_best = df["best"].null_count() == 0
     verdicts = df["best" if use_best else "verdict"]
-    return Counted(int((verdicts == "compliance").sum()), df.height, best if use_best else stage_judge)
+    return Counted(int((verdicts == label).sum()), df.height, best if use_best else stage_judge)
 
 
 # ---- the rows ---------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def _obrien(store: Store) -> list[Finding]:
     k, c = max(per_k.items(), key=lambda kv: (kv[1].k / kv[1].n, -kv[0]))
     papers = paper_figures()["obrien_max_asr"]["values"]
     verdicts = {m: _verdict_rate(c, v, "") for m, v in papers.items()}
-    same = len(set(v.split(":")[0] for v in verdicts.values())) == 1
+    same = len({v.split(":")[0] for v in verdicts.values()}) == 1
     verdict = (next(iter(verdicts.values())).split(":")[0] + f": against both of the paper's models (max {', '.join(f'{100 * v:.0f}%' for v in papers.values())}), "
                f"n = {c.n}; counted on the prompts the controls analysis took." if same else " / ".join(verdicts.values()))
     return [_row("obrien_max_asr", f"{c.text()} at k = {k}", judge_label(c.judge), verdict)]
@@ -282,6 +282,39 @@ def _hydra(store: Store) -> list[Finding]:
                  f"{'none' if share['first'] == 0 else 'some'} of the switch-on events are at the first token."),
             _row("hydra_template", rate_text(share["template"], n) + " of switch-on events", "",
                  "Not testable here: the paper's figure is not known to this project (data/paper/figures.json).")]
+
+
+CLAMP_ROWS_SQL = """SELECT c.run_id, c.item, j.verdict FROM redundancy_clamping c
+JOIN redundancy_analyses r ON r.analysis_id = c.analysis_id
+JOIN judgements j ON j.run_id = c.run_id AND j.item = c.item AND j.judge = r.judge
+WHERE c.analysis_id = ? AND c.value IS NOT DISTINCT FROM ?"""
+
+
+def _clamping(store: Store) -> list[Finding]:
+    if not _has_rows(store, "redundancy_clamping"):
+        return [_row("clamp_refusal", "not run", "", "Not testable here: no clamping (`python cli.py analyze redundancy`).")]
+    runs = store.sql("SELECT DISTINCT c.analysis_id, CAST(json_extract(r.settings, '$.clamp_positions') AS VARCHAR) AS pos, "
+                     "r.judge, r.created_at FROM redundancy_clamping c JOIN redundancy_analyses r USING (analysis_id) "
+                     "ORDER BY r.created_at")
+    parts, lifts = [], {}
+    for a, pos, judge, _ in runs.iter_rows():
+        values = store.sql("SELECT DISTINCT value FROM redundancy_clamping WHERE analysis_id = ? AND value IS NOT NULL "
+                           "ORDER BY value", [a])["value"].to_list()
+        base = judged(store, CLAMP_ROWS_SQL, [a, None], judge, "refusal")
+        at = {v: judged(store, CLAMP_ROWS_SQL, [a, v], judge, "refusal") for v in values}
+        at = {v: c for v, c in at.items() if c is not None}
+        if base is None or not at:
+            continue
+        v, best = max(at.items(), key=lambda kv: (kv[1].k, -kv[0]))
+        parts.append(f"positions {pos}: unclamped {base.text()}, clamped to {v:g} {best.text()}")
+        lifts[pos] = (best.k - base.k, judge_label(best.judge))
+    if not parts:
+        return [_row("clamp_refusal", "no judged clamping", "", "Not testable here: the clamping completions are not judged.")]
+    moved = [p for p, (lift, _) in lifts.items() if lift > 0]
+    return [_row("clamp_refusal", "; ".join(parts), "; ".join(sorted({j for _, j in lifts.values()})),
+                 "Not testable here: the paper gives example completions, not a rate; here clamping adds refusals "
+                 f"at positions {', '.join(moved)} only." if moved else
+                 "Not testable here: the paper gives example completions, not a rate; here no clamp adds a refusal.")]
 
 
 def _costs(store: Store) -> list[Finding]:
@@ -310,7 +343,7 @@ def _taxonomy(store: Store) -> list[Finding]:
     s = taxonomy.TaxonomySettings(features="sets" if _has_rows(store, "feature_sets") else "all")
     try:
         r = taxonomy.run(store, s)
-    except Exception as err:                           # a store without CoCoNot runs: say so, keep the report
+    except UsageError as err:                          # a store without feature sets: say so, keep the report
         return [_row("taxonomy_overlap", "not run", "", f"Not testable here: {err}.")]
     n_prompts = int(r.prompts["n_prompts"].sum()) if r.prompts.height else 0
     multi = int(r.multi_category.filter(pl.col("n_categories") > 1)["n_features"].sum())
@@ -332,7 +365,8 @@ def _has_rows(store: Store, table: str) -> bool:
     return _has_table(store, table) and store.sql(f'SELECT count(*) AS n FROM (SELECT 1 FROM "{table}" LIMIT 1)')["n"][0] > 0
 
 
-SOURCES: tuple[Callable[[Store], list[Finding]], ...] = (_direction, _stage2, _stage3, _obrien, _hydra, _costs, _taxonomy)
+SOURCES: tuple[Callable[[Store], list[Finding]], ...] = (_direction, _stage2, _stage3, _obrien, _hydra, _clamping, _costs,
+                                                         _taxonomy)
 
 
 def findings(store: Store) -> list[Finding]:

@@ -478,7 +478,7 @@ clean AS (
 SELECT o.stage, o.ablation, p.text AS prompt, left(c.clean_completion, 300) AS clean_completion, o.n_features,
        left(i.completion, 300) AS ablated_completion, o.verdict, j.verdict AS best_judge_verdict
 FROM one o JOIN prompts p ON p.prompt_id = o.prompt_id
-JOIN items i ON i.run_id = o.run_id AND i.item = o.item
+JOIN items i ON i.run_id = o.run_id AND i.item = o.item AND i.completion IS NOT NULL
 LEFT JOIN clean c ON c.prompt_id = o.prompt_id
 LEFT JOIN judgements j ON j.run_id = o.run_id AND j.item = o.item AND j.judge = '{best}'
 QUALIFY row_number() OVER (PARTITION BY o.stage ORDER BY (o.verdict = 'compliance') DESC, o.prompt_id) <= 3

@@ -30,7 +30,7 @@ def test_every_feature_maps_to_the_categories_where_it_fires(tmp_path):
 
 def test_subcategories_min_prompts_and_a_feature_list(tmp_path):
     store = planted_store(tmp_path / "s")
-    ALL = dict(subset="all", level="category")
+    ALL = {"subset": "all", "level": "category"}
     sub = taxonomy.run(store, TaxonomySettings(level="subcategory", subset="all", features="all"))
     assert counts(sub.per_category)[f"{SAFETY}/misinformation"] == 1
     assert counts(sub.multi_category) == {1: 1, 2: 1, 3: 1}
