@@ -222,9 +222,11 @@ def _stage3(store: Store) -> list[Finding]:
     acc = {m: metrics.get(f"{m}_accuracy", {}).get("test") for m in ("fm", "probe")}
     if None in acc.values():
         return rows + [_row("fm_vs_probe", "not run", "", "Not testable here: no stage-3 fit (`python cli.py analyze stage3`).")]
-    asr = [f"{m} {c.text()} at K = {best[m]}" for m in ("fm", "probe") if (c := _sweep_rate(store, a, best, m))]
+    counted = {m: c for m in ("fm", "probe") if (c := _sweep_rate(store, a, best, m))}
+    asr = [f"{m} {c.text()} at K = {best[m]}" for m, c in counted.items()]
     text = f"test accuracy FM {acc['fm']:.3f}, probe {acc['probe']:.3f} (n test not stored); best ASR " + ", ".join(asr)
-    return rows + [_row("fm_vs_probe", text, judge_label(a["judge"]), no_paper)]
+    judges = "; ".join(sorted({judge_label(c.judge) for c in counted.values()}))
+    return rows + [_row("fm_vs_probe", text, judges, no_paper)]
 
 
 def _best_k(store: Store, sweep_id: str) -> dict[str, int]:
