@@ -91,6 +91,8 @@ def analyze_prune(
                                  "literal (the pseudocode: accepted blocks are restored too)."),
     last_block: Optional[str] = opt("--last-block", "A last block of fewer than N features: test it, or skip it "
                                     "(the pseudocode's while |C\\K| >= N)."),
+    ablate_first: Optional[bool] = opt("--ablate-first/--no-ablate-first",
+                                       "Zero-ablate at position 0 (the massive-activation sink) too."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:

@@ -69,7 +69,10 @@ def test_ablate_first_is_hashed_only_when_set_and_reaches_the_spec():
     from analyze.common import ablation
     from analyze.candidates import CandidateSettings
 
+    from analyze.prune import PruneSettings
+
     assert "ablate_first" not in CandidateSettings().hashed()             # existing candidates ids stay
+    assert "ablate_first" not in PruneSettings().hashed() and PruneSettings(ablate_first=False).hashed()["ablate_first"] is False
     assert CandidateSettings(ablate_first=False).hashed()["ablate_first"] is False
     assert CandidateSettings.from_dict({"ablate_first": False}) == CandidateSettings(ablate_first=False)
     assert ablation([(3, 1)]).to_json() == '{"zero_ablate":{"3":[1]}}'
