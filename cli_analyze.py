@@ -58,6 +58,8 @@ def analyze_candidates(
     seed: Optional[int] = opt("--seed", "Seed of the dataset's order and split."),
     ks: Optional[str] = opt("--ks", "K values (latents per layer): 10,20,50 or start:stop:step."),
     ks_per_round: Optional[int] = opt("--ks-per-round", "Values of K per batched run."),
+    ablate_first: Optional[bool] = opt("--ablate-first/--no-ablate-first",
+                                       "Zero-ablate at position 0 (the massive-activation sink) too."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
@@ -89,6 +91,8 @@ def analyze_prune(
                                  "literal (the pseudocode: accepted blocks are restored too)."),
     last_block: Optional[str] = opt("--last-block", "A last block of fewer than N features: test it, or skip it "
                                     "(the pseudocode's while |C\\K| >= N)."),
+    ablate_first: Optional[bool] = opt("--ablate-first/--no-ablate-first",
+                                       "Zero-ablate at position 0 (the massive-activation sink) too."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
@@ -238,6 +242,7 @@ def analyze_taxonomy(
     explanations: Optional[Path] = opt("--explanations", "Import feature explanations first (CSV/JSON/JSONL: "
                                        "layer, feature or index, explanation or description)."),
     level: Optional[str] = opt("--level", "category or subcategory."),
+    subset: Optional[str] = opt("--subset", "unsafe (CoCoNot's unsafe requests, as the paper's Fig. 3) or all."),
     min_prompts: Optional[int] = opt("--min-prompts", "A feature belongs to a category when it fires on >= N of its prompts."),
     features: Optional[str] = opt("--features", "sets (the store's feature sets) or all."), store: str = StoreOpt,
 ) -> None:
@@ -250,4 +255,4 @@ def analyze_taxonomy(
             _log(f"imported {m.import_explanations(s, explanations)} explanations from {explanations}")
         return m.run(s, built)
     stage_command("analyze.taxonomy", store, lambda m: m.TaxonomySettings.from_options(
-        level=level, min_prompts=min_prompts, features=features), run, needs_model=False)
+        level=level, subset=subset, min_prompts=min_prompts, features=features), run, needs_model=False)

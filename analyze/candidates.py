@@ -44,6 +44,10 @@ class CandidateSettings(JudgedSettings):
     seed: int = 0
     ks: tuple[int, ...] = tuple(range(10, 201, 10))
     ks_per_round: int = 5
+    ablate_first: bool = True            # zero-ablate at position 0 too (the sink the SAEs never saw; README)
+
+    # added after candidates ids were first made: hashed only when set, so existing ids stay
+    _HASHED_WHEN_SET = JudgedSettings._HASHED_WHEN_SET + ("ablate_first",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,7 +84,10 @@ def run(store: Store, model: LoadedModel, settings: CandidateSettings, log: Log 
     extract_settings = ExtractSettings(positions="last:1", generate=generate, batch_size=settings.batch_size,
                                        sae_rows=False)
     log(f"clean run of {len(prompts)} {settings.dataset} {settings.split} prompts")
-    rows = [_measure(store, model, prompts, [0] * len(prompts), ranking, saes, extract_settings, judge, log)]
+
+    def measure(batch: list[Prompt], ks: list[int]) -> pl.DataFrame:
+        return _measure(store, model, batch, ks, ranking, saes, extract_settings, judge, log, settings.ablate_first)
+    rows = [measure(prompts, [0] * len(prompts))]
     unresolved = [p for p, v in zip(prompts, rows[0]["verdict"]) if v == "refusal"]
     n_refused = len(unresolved)
     for start in range(0, len(settings.ks), settings.ks_per_round):
@@ -89,8 +96,7 @@ def run(store: Store, model: LoadedModel, settings: CandidateSettings, log: Log 
         ks = settings.ks[start:start + settings.ks_per_round]
         log(f"K = {ks[0]}..{ks[-1]} on {len(unresolved)} prompts not yet jailbroken")
         batch = [p for p in unresolved for _ in ks]
-        frame = _measure(store, model, batch, [k for _ in unresolved for k in ks], ranking, saes,
-                         extract_settings, judge, log)
+        frame = measure(batch, [k for _ in unresolved for k in ks])
         rows.append(frame)
         done = set(frame.filter(pl.col("jailbroken"))["prompt_id"])
         unresolved = [p for p in unresolved if p.prompt_id not in done]
@@ -126,10 +132,10 @@ def candidate_set(ranking: pl.DataFrame, k: int) -> list[Feature]:
 
 
 def _measure(store, model, prompts: list[Prompt], ks: list[int], ranking, saes, extract_settings,
-             judge: Judge, log: Log) -> pl.DataFrame:
+             judge: Judge, log: Log, first: bool = True) -> pl.DataFrame:
     """One run: each prompt with C_k ablated (k = 0: nothing); rows for `candidate_sets` (no id yet)."""
     sets = {k: candidate_set(ranking, k) for k in set(ks)}
-    specs = [ablation(sets[k]) if k else Intervention() for k in ks]
+    specs = [ablation(sets[k], first) if k else Intervention() for k in ks]
     done = evaluate(store, model, prompts, specs, saes, extract_settings, log=log)
     verdicts = judge_run(store, done.run_id, judge)["verdict"].to_numpy()[done.items]
     return pl.DataFrame({

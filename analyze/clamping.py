@@ -1,5 +1,11 @@
 """Clamping dormant features on benign prompts (paper section 5, Tables 5/6).
 
+The paper clamps at BOS. On the default model position 0 is a massive-activation sink (residual
+norm ~2,266 at layers 8-17 against ~22 elsewhere) that the project's SAEs never saw in training,
+so a clamp value of 2..10 there is a few thousandths of the residual: `clamp_scale` measures that
+ratio per layer from stored residuals, and the backups switch on at the last prompt positions
+(post-instruction tokens), so `--clamp-positions=-1` clamps where they act.
+
 Every clamped latent i is set to the value v at the clamp positions (the first token by default):
 h' = h + sum_i (v - z_i(h)) W_dec[i] after its layer's block, at those prompt positions only
 (extract/interventions.py); generated tokens are not clamped, but they attend to the clamped
@@ -12,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import polars as pl
+import torch
 
 from analyze.common import Feature
 from extract.datasets import Prompt, prompt_id
@@ -60,6 +67,42 @@ def clamp_generations(store: Store, model: LoadedModel, saes: Sequence[SaeRef], 
         "completion": items["completion"],
     }, schema={"prompt_id": pl.String, "text": pl.String, "value": pl.Float64, "n_features": pl.Int32,
                "run_id": pl.String, "item": pl.Int32, "p_i": pl.Float32, "completion": pl.String})
+
+
+SCALE_ROWS_SQL = """-- stored residual rows of unablated runs at layer ?: position 0 (role first), the last prompt
+-- position (where the backups mostly switch on) and every other position, up to 256 rows each
+WITH r AS (
+    SELECT t.run_id, t.row, CASE WHEN t.pos = 0 THEN 'position 0' WHEN t.pos = i.n_tokens - 1 THEN 'last position'
+                                 ELSE 'other positions' END AS where_
+    FROM tokens t JOIN items i ON i.run_id = t.run_id AND i.item = t.item
+    JOIN interventions s ON s.spec_hash = i.spec_hash
+    JOIN layers l ON l.run_id = t.run_id AND l.layer = ? AND l.resid_array IS NOT NULL
+    JOIN runs u ON u.run_id = t.run_id AND u.status = 'complete'
+    WHERE s.spec = '{}'
+)
+SELECT run_id, row, where_ FROM r QUALIFY row_number() OVER (PARTITION BY where_ ORDER BY run_id, row) <= 256"""
+
+
+def clamp_scale(store: Store, layers: Sequence[int], values: Sequence[float]) -> pl.DataFrame:
+    """Per layer, the median residual norm at position 0, the last position and elsewhere, and each clamp value
+    as a share of position 0's norm (a clamp writes about value * |W_dec[i]| into the residual)."""
+    from queries.tensors import residuals
+
+    rows = []
+    for layer in sorted(set(layers)):
+        wanted = store.sql(SCALE_ROWS_SQL, [int(layer)])
+        if wanted.is_empty():
+            continue
+        norms: dict[str, list[torch.Tensor]] = {}
+        for (where, _), part in wanted.group_by(["where_", "run_id"]):        # runs may store different dtypes
+            norms.setdefault(where, []).append(residuals(store, part, int(layer)).float().norm(dim=-1))
+        median = {w: float(torch.median(torch.cat(n))) for w, n in norms.items()}
+        first, last = median.get("position 0"), median.get("last position")
+        rows.append({"layer": int(layer), "norm_position_0": first, "norm_last_position": last,
+                     "norm_other": median.get("other positions"),
+                     **{f"clamp_{v:g}_over_position_0": (v / first if first else None) for v in values},
+                     **{f"clamp_{v:g}_over_last": (v / last if last else None) for v in values}})
+    return pl.DataFrame(rows)
 
 
 def clamping_table(clamped: pl.DataFrame, width: int = 60) -> pl.DataFrame:

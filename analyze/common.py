@@ -115,12 +115,13 @@ def evaluate(store: Store, model: LoadedModel, prompts: Sequence[Prompt], specs:
                      len(items), result.cached)
 
 
-def ablation(features: Sequence[Feature]) -> Intervention:
-    """Zero-ablate these (layer, feature) pairs at every position."""
+def ablation(features: Sequence[Feature], first: bool = True) -> Intervention:
+    """Zero-ablate these (layer, feature) pairs at every position (`first` False: every position but 0)."""
     by_layer: dict[int, list[int]] = {}
     for layer, feature in features:
         by_layer.setdefault(int(layer), []).append(int(feature))
-    return Intervention(zero_ablate={layer: tuple(sorted(set(f))) for layer, f in sorted(by_layer.items())})
+    return Intervention(zero_ablate={layer: tuple(sorted(set(f))) for layer, f in sorted(by_layer.items())},
+                        zero_ablate_first=first)
 
 
 def rate(flags: Sequence[bool] | np.ndarray) -> float | None:

@@ -40,7 +40,6 @@ from analyze.stage3 import Stage3Settings
 from analyze.taxonomy import TaxonomySettings
 from extract import sae_train
 from analyze.text import span
-from extract.datasets import load_prompts
 from extract.layers import parse_layers
 from extract.models import LoadedModel
 from extract.saes import resolve_saes
@@ -73,7 +72,8 @@ class PipelineSettings(Settings):
     redundancy: RedundancySettings = field(default_factory=RedundancySettings)
     controls: ControlsSettings = field(default_factory=ControlsSettings)
     costs: CostsSettings = field(default_factory=CostsSettings)
-    n_coconot: int | None = None          # CoCoNot prompts extracted with the SAEs for the taxonomy (None: all 1,001)
+    n_coconot: int | None = None          # CoCoNot prompts of the taxonomy's subset extracted with the SAEs (None: all;
+                                          # the unsafe subset of the shipped file holds 395)
     taxonomy: TaxonomySettings = field(default_factory=TaxonomySettings)
     report: ReportSettings = field(default_factory=ReportSettings)
 
@@ -398,7 +398,7 @@ def _plan_taxonomy(ctx: _Context, done: dict[str, StageOutcome]) -> _Plan:
 
 
 def _run_taxonomy(ctx: _Context, specs: tuple[str, ...]) -> tuple[str, dict[str, Any], str]:
-    prompts = load_prompts("coconot", limit=ctx.settings.n_coconot)
+    prompts = taxonomy.coconot_prompts(ctx.settings.taxonomy.subset, limit=ctx.settings.n_coconot)
     refs = resolve_saes(ctx.store, ctx.model, specs, "")
     ctx.log(f"taxonomy: {len(prompts)} CoCoNot prompts with SAEs at layers {span([r.layer for r in refs])}")
     run_id = extract(ctx.store, ctx.model, make_items(ctx.model, prompts), refs,

@@ -74,9 +74,10 @@ class PruneSettings(JudgedPromptSettings):
     control_seed: int = 0
     variant: str = "prose"               # prose: accepted blocks stay ablated; literal: the pseudocode as printed
     last_block: str = "test"             # a last block of fewer than N: test it, or skip it as printed
+    ablate_first: bool = True            # zero-ablate at position 0 too (the sink the SAEs never saw; README)
 
     # added after prune ids were first made: hashed only when set, so prose/test runs keep their ids
-    _HASHED_WHEN_SET = JudgedPromptSettings._HASHED_WHEN_SET + ("variant", "last_block")
+    _HASHED_WHEN_SET = JudgedPromptSettings._HASHED_WHEN_SET + ("variant", "last_block", "ablate_first")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,8 +146,8 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
     p_full = chosen["p_i"].to_numpy().astype(np.float64)
     if settings.pool == "active":
         pools = [pool & act for pool, act in zip(pools, active)]
-        p_full = evaluate(store, model, prompts, [ablation(sorted(p)) for p in pools], saes,
-                          _quiet(settings.batch_size, 0)).p_i
+        p_full = evaluate(store, model, prompts, [ablation(sorted(p), settings.ablate_first) for p in pools],
+                          saes, _quiet(settings.batch_size, 0)).p_i
     log(f"pruning {len(prompts)} prompts x {len(settings.taus)} taus x {len(settings.seeds)} seeds, "
         f"pools of {min(map(len, pools))}..{max(map(len, pools))} features")
     trace = lockstep_prune(store, model, saes, prompts, pools, p_full, settings, log)
@@ -175,7 +176,8 @@ def lockstep_prune(store: Store, model: LoadedModel, saes: list[SaeRef], prompts
     step_settings = extract_settings or _quiet(settings.batch_size, 0)
 
     def measure(rows: list[int], ablated: list[list[Feature]]) -> Evaluated:
-        return evaluate(store, model, [prompts[i] for i in rows], [ablation(a) for a in ablated], saes,
+        return evaluate(store, model, [prompts[i] for i in rows],
+                        [ablation(a, settings.ablate_first) for a in ablated], saes,
                         step_settings, dedupe=settings.dedupe)
     return algorithm1(pools, p_full, settings, measure, [p.prompt_id for p in prompts], log)
 
@@ -293,8 +295,8 @@ def _judged(store, model, prompts: list[Prompt], feature_sets: list[frozenset[Fe
             judge: Judge, settings: PruneSettings, log: Log) -> pl.DataFrame:
     """Ablate each set on its prompt (one run, with generation when the judge reads completions) and judge."""
     generate = settings.generate if judge.needs_completion else 0
-    done = evaluate(store, model, prompts, [ablation(sorted(f)) for f in feature_sets], saes,
-                    _quiet(settings.batch_size, generate), log=log)
+    done = evaluate(store, model, prompts, [ablation(sorted(f), settings.ablate_first) for f in feature_sets],
+                    saes, _quiet(settings.batch_size, generate), log=log)
     verdicts = judge_run(store, done.run_id, judge)["verdict"].to_numpy()[done.items]
     return pl.DataFrame({
         "prompt_id": [p.prompt_id for p in prompts], "n_features": [len(f) for f in feature_sets],

@@ -25,7 +25,7 @@ matplotlib.use("Agg")                                  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
-from analyze import rejudge, taxonomy  # noqa: E402
+from analyze import clamping, findings, rejudge, taxonomy  # noqa: E402
 from analyze.judge_eval import agreement_table  # noqa: E402
 from analyze.cards import CardSettings, FeatureCard, cards  # noqa: E402
 from store import Store, UsageError  # noqa: E402
@@ -58,7 +58,14 @@ class Card:
     card: FeatureCard
 
 
-Part = Union[Table, Figure, Note, Card]
+@dataclass(frozen=True)
+class Toggle:
+    """Parts folded under a summary line (HTML <details>): examples, content that needs a warning."""
+    summary: str
+    parts: tuple["Part", ...]
+
+
+Part = Union[Table, Figure, Note, Card, Toggle]
 Render = Callable[[Store, list[pl.DataFrame], tuple[str, ...], "ReportSettings"], list[Part]]
 
 
@@ -201,9 +208,11 @@ SELECT analysis_id, role, count(*) AS n_switch_on,
        count(*) / sum(count(*)) OVER (PARTITION BY analysis_id) AS share
 FROM redundancy_switch_on GROUP BY analysis_id, role ORDER BY analysis_id, share DESC"""
 
-CLAMPING_SQL = """-- benign prompts with the switched-on features clamped at the first token (value NULL: unclamped);
--- features_from: switched on in prompts that need them, or in any prompt when none does
-SELECT c.analysis_id, coalesce(json_extract_string(r.metrics, '$.clamping.source'), 'kept prompts') AS features_from,
+CLAMPING_SQL = """-- benign prompts with the switched-on features clamped at the analysis' positions (0: the first token,
+-- -1: the last prompt position; value NULL: unclamped); features_from: switched on in prompts that need them, or in
+-- any prompt when none does
+SELECT c.analysis_id, CAST(json_extract(r.settings, '$.clamp_positions') AS VARCHAR) AS positions,
+       coalesce(json_extract_string(r.metrics, '$.clamping.source'), 'kept prompts') AS features_from,
        c.prompt_id, c.value, c.n_features, c.p_i,
        CASE WHEN length(c.completion) > 140 THEN left(c.completion, 137) || '...' ELSE c.completion END AS completion
 FROM redundancy_clamping c JOIN redundancy_analyses r USING (analysis_id)
@@ -353,17 +362,48 @@ def _render_costs(store, frames, sql, settings):
     return [Table(df, "feature ablation: mean ± std over the per-prompt sets", sql[0]), _figure(fig, "CE loss")]
 
 
+SWITCH_ON_POSITIONS_SQL = """-- where the backups switch on, counted from the end of the prompt (-1: the last prompt token)
+SELECT s.analysis_id, s.role, s.pos - i.n_tokens AS position_from_end, count(*) AS n_switch_on,
+       count(*) / sum(count(*)) OVER (PARTITION BY s.analysis_id) AS share
+FROM redundancy_switch_on s JOIN items i ON i.run_id = s.run_id AND i.item = s.item
+GROUP BY s.analysis_id, s.role, s.pos - i.n_tokens ORDER BY s.analysis_id, n_switch_on DESC, position_from_end"""
+
+
+def _render_clamping(store, frames, sql, settings):
+    clamped, where = frames
+    values = sorted({float(v) for v in clamped["value"].drop_nulls()})
+    layers = sorted({int(l) for l in store.sql("SELECT DISTINCT layer FROM redundancy_switch_on")["layer"]})
+    scale = clamping.clamp_scale(store, layers, values)
+    parts: list[Part] = [Table(clamped, "completions per clamp value (value empty: unclamped)", sql[0]),
+                         Table(where, "where the backups switch on", sql[1])]
+    if scale.height:
+        parts += [Note("Clamp values against the residual: position 0 is a massive-activation sink the SAEs never saw, "
+                       "so a clamp of 2..10 there is a few thousandths of its norm; at the last prompt position, where "
+                       "the backups mostly switch on, the same values are a sizeable share of it "
+                       "(`python cli.py analyze redundancy --clamp-positions=-1` clamps there)."),
+                  Table(scale, "median residual norm per layer of the switched-on features (stored unablated rows), and "
+                        "each clamp value over it", clamping.SCALE_ROWS_SQL)]
+    return parts
+
+
 def _render_taxonomy(store, frames, sql, settings):
-    mapping, per_category, multi = frames
+    mapping, per_category, multi, prompts = frames
+    shipped = len(taxonomy.coconot_prompts("unsafe"))
+    note = Note(f"CoCoNot's unsafe requests ('{taxonomy.UNSAFE_CATEGORY}') by harm subcategory, as the paper's Fig. 3: "
+                f"{int(prompts['n_prompts'].sum()) if prompts.height else 0} of them with SAE codes in this store; the "
+                f"shipped eval file holds {shipped}, every one taken by the default profile, against the paper's "
+                f"{taxonomy.PAPER_N_UNSAFE:,} (its train split is not shipped). wildchats and incomprehensible are "
+                "filed under the same category in the eval file and are shown as their own rows.")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [2, 1]})
     axes[0].barh(per_category["category"].to_list()[::-1], per_category["n_features"].to_list()[::-1], color="tab:purple")
-    axes[0].set(xlabel="features", title="Features per CoCoNot category")
+    axes[0].set(xlabel="features", title="Features per CoCoNot harm subcategory")
     axes[0].tick_params(axis="y", labelsize=7)
     axes[1].bar(multi["n_categories"].cast(pl.String).to_list(), multi["n_features"].to_list(), color="tab:olive")
-    axes[1].set(xlabel="categories per feature", ylabel="features", title="Multi-category features")
+    axes[1].set(xlabel="subcategories per feature", ylabel="features", title="Multi-subcategory features")
     fig.tight_layout()
     shown = mapping.with_columns(pl.col("categories").list.join("; "))
-    return [_figure(fig, "taxonomy"), Table(per_category, "features per category", sql[1]),
+    return [note, _figure(fig, "taxonomy"), Table(prompts, "prompts per subcategory in the store", sql[3]),
+            Table(per_category, "features per subcategory", sql[1]),
             Table(multi, "features by number of categories", sql[2]),
             Table(shown, "each feature's categories (with its imported explanation)", sql[0], max_rows=40)]
 
@@ -371,7 +411,7 @@ def _render_taxonomy(store, frames, sql, settings):
 def _taxonomy_sql(store: Store) -> tuple[str, ...]:
     has_sets = _has_rows(store, "feature_sets")
     q = taxonomy.taxonomy_sql(taxonomy.TaxonomySettings(features="sets" if has_sets else "all"))
-    return q["mapping"], q["per_category"], q["multi_category"]
+    return q["mapping"], q["per_category"], q["multi_category"], q["prompts"]
 
 
 def _render_cards(store: Store, frames: list[pl.DataFrame], sql: tuple[str, ...], settings: ReportSettings) -> list[Part]:
@@ -386,6 +426,70 @@ def _render_cards(store: Store, frames: list[pl.DataFrame], sql: tuple[str, ...]
 
 def _generic(store, frames, sql, settings):
     return _tables(store, frames, sql)
+
+
+FINDINGS_SQL = """-- the findings are read by analyze/findings.py (one query per row, newest analysis of each kind);
+-- this lists the analyses they come from
+SELECT kind, analysis_id, model, judge, CAST(created_at AS VARCHAR) AS created_at FROM analyses a
+WHERE created_at = (SELECT max(created_at) FROM analyses b WHERE b.kind = a.kind) ORDER BY created_at"""
+
+
+def _render_findings(store: Store, frames: list[pl.DataFrame], sql: tuple[str, ...],
+                     settings: ReportSettings) -> list[Part]:
+    best = findings.best_judge()
+    judges = ", ".join(findings.judge_label(j) for j in sorted(set(frames[0]["judge"].drop_nulls())))
+    return [Note(f"Judge: every rate below is judged by the best measured judge, {best.text()}, where the store "
+                 f"holds its verdicts for every counted item (`python cli.py judge rerun --judge {best.name}`); "
+                 f"otherwise by the stage's own judge, named in the row. The analyses here were judged by: {judges}. "
+                 "Rates carry a Wilson 95% interval and their counts."),
+            Table(findings.findings_frame(findings.findings(store)),
+                  "the paper's headline figures (data/paper/figures.json, with their sections) beside ours", None,
+                  max_rows=100),
+            Note("Verdict rule: a paper rate inside our interval reproduces, outside it differs; where the paper's "
+                 "number is not known to this project, or a stage has not run, the row is not testable here and says why."),
+            Table(frames[0], "the analyses the rows read", sql[0])]
+
+
+def _examples_sql(store: Store) -> tuple[str, ...]:
+    from analyze.judges import get_judge
+    best = get_judge(findings.best_judge().name).judge_id
+    return (f"""-- up to 3 prompts per stage: the prompt, its clean (unablated) completion, the completion under the stage's
+-- ablation, the stage's verdict and the best judge's ({best}) where it judged the item
+WITH ablated AS (
+    SELECT 'stage 1' AS stage, 'top-' || k || ' candidates per layer' AS ablation, prompt_id, run_id, item, n_features,
+           verdict FROM candidate_sets WHERE chosen
+    UNION ALL SELECT 'stage 2', 'pruned set, tau ' || round(tau, 2), prompt_id, run_id, item, n_features, verdict
+    FROM set_checks WHERE stage = 2 AND selected AND kind = 'set'
+    UNION ALL SELECT 'stage 3', 'set + FM top-' || k, prompt_id, run_id, item, n_ablated, verdict
+    FROM stage3_outcomes WHERE ranker = 'fm'
+    UNION ALL SELECT 'O''Brien et al.', 'active on >= ' || k || ' tokens', prompt_id, run_id, item, n_features, verdict
+    FROM control_results WHERE kind = 'obrien'
+),
+one AS (   -- per stage and prompt, its jailbreak with the fewest features if any, else its smallest ablation
+    SELECT * FROM ablated
+    QUALIFY row_number() OVER (PARTITION BY stage, prompt_id ORDER BY (verdict = 'compliance') DESC, n_features) = 1
+),
+clean AS (
+    SELECT i.prompt_id, arg_min(i.completion, r.created_at) AS clean_completion
+    FROM items i JOIN runs r ON r.run_id = i.run_id AND r.status = 'complete'
+    JOIN interventions s ON s.spec_hash = i.spec_hash
+    WHERE s.spec = '{{}}' AND i.completion IS NOT NULL GROUP BY i.prompt_id
+)
+SELECT o.stage, o.ablation, p.text AS prompt, left(c.clean_completion, 300) AS clean_completion, o.n_features,
+       left(i.completion, 300) AS ablated_completion, o.verdict, j.verdict AS best_judge_verdict
+FROM one o JOIN prompts p ON p.prompt_id = o.prompt_id
+JOIN items i ON i.run_id = o.run_id AND i.item = o.item AND i.completion IS NOT NULL
+LEFT JOIN clean c ON c.prompt_id = o.prompt_id
+LEFT JOIN judgements j ON j.run_id = o.run_id AND j.item = o.item AND j.judge = '{best}'
+QUALIFY row_number() OVER (PARTITION BY o.stage ORDER BY (o.verdict = 'compliance') DESC, o.prompt_id) <= 3
+ORDER BY o.stage, o.prompt_id""",)
+
+
+def _render_examples(store: Store, frames: list[pl.DataFrame], sql: tuple[str, ...],
+                     settings: ReportSettings) -> list[Part]:
+    return [Toggle("Show the examples (content warning: harmful requests and model completions)",
+                   (Table(frames[0], "a few prompts per stage, clean and ablated (completions cut at 300 characters)",
+                          sql[0]),))]
 
 
 # The report's sections, in order: a new stage adds its entry here.
@@ -404,6 +508,10 @@ def _render_agreement(store: Store, frames: list[pl.DataFrame], sql: tuple[str, 
 
 
 SECTIONS: list[Section] = [
+    Section("Findings: the paper's headline figures beside ours", (FINDINGS_SQL,), _render_findings, ("analyses",),
+            "python cli.py run (or the analyze stages)", "every headline figure, data/paper/figures.json"),
+    Section("Examples: clean and ablated completions", _examples_sql, _render_examples, ("items",),
+            "python cli.py analyze candidates (and the later stages)"),
     Section("SAE quality (held-out text, ordinary positions)", (SAE_QUALITY_SQL,), _generic, ("sae_quality",),
             "python cli.py sae train"),
     Section("Refusal direction: cosine by layer", (DIRECTION_SQL,), _render_cosine, ("directions",),
@@ -419,8 +527,9 @@ SECTIONS: list[Section] = [
     Section("Redundancy: dormant features and where they switch on",
             (REDUNDANCY_PROMPTS_SQL, REDUNDANCY_ABLATIONS_SQL, REDUNDANCY_SWITCH_ON_SQL), _generic,
             ("redundancy_prompts",), "python cli.py analyze redundancy"),
-    Section("Clamping switched-on features at the first token", (CLAMPING_SQL,), _generic,
-            ("redundancy_clamping",), "python cli.py analyze redundancy"),
+    Section("Clamping switched-on features (the first token, and where they switch on)",
+            (CLAMPING_SQL, SWITCH_ON_POSITIONS_SQL), _render_clamping, ("redundancy_clamping",),
+            "python cli.py analyze redundancy (--clamp-positions=-1: where the backups switch on)"),
     Section("Controls: random active features", (CONTROLS_SQL,), _generic, ("set_checks",),
             "python cli.py analyze prune"),
     Section("Controls: O'Brien et al. baseline (features active on >= k tokens)", (OBRIEN_SQL, OBRIEN_PROMPTS_SQL),
@@ -431,7 +540,7 @@ SECTIONS: list[Section] = [
             "python cli.py analyze costs"),
     Section("Transfer: the found interventions on held-out harmful prompts", (TRANSFER_SQL,), _generic,
             ("transfer_results",), "python cli.py analyze transfer"),
-    Section("Taxonomy: features by CoCoNot category", _taxonomy_sql, _render_taxonomy, ("sae_acts",),
+    Section("Taxonomy: features by CoCoNot harm subcategory (unsafe requests)", _taxonomy_sql, _render_taxonomy, ("sae_acts",),
             "python cli.py extract --dataset coconot --limit 0 (with SAEs), then python cli.py analyze taxonomy",
             "Fig. 3"),
     Section("Feature cards", (CARD_FEATURES_SQL,), _render_cards, ("feature_sets",),
@@ -451,7 +560,7 @@ text-align:left;vertical-align:top}th{background:#f3f3f3}td.n{text-align:right;f
 pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}.notrun{color:#888;font-style:italic}
 .error{color:#a00}.paper{color:#666;font-size:.9em}.card{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;
 margin:.8em 0}.card h3{margin:.2em 0;font-size:1em}td.ctx{font-family:ui-monospace,monospace;white-space:pre-wrap}
-mark{background:#ffd54f;font-weight:bold}img{max-width:100%}nav li{margin:.1em 0}caption{text-align:left;color:#555}"""
+mark{background:#ffd54f;font-weight:bold}details.toggle>summary{cursor:pointer;font-weight:bold;color:#a33}img{max-width:100%}nav li{margin:.1em 0}caption{text-align:left;color:#555}"""
 
 
 def to_html(title: str, stamp: str, rendered: list[Rendered]) -> str:
@@ -482,6 +591,9 @@ def _html_part(part: Part, anchor: str, status: str) -> str:
         return f'<p><img alt="{esc(part.alt)}" src="data:image/png;base64,{data}"></p>'
     if isinstance(part, Table):
         return _html_table(part.frame, part.caption, part.sql, anchor, part.max_rows)
+    if isinstance(part, Toggle):
+        inner = "".join(_html_part(p, f"{anchor}-{k}", status) for k, p in enumerate(part.parts))
+        return f'<details class="toggle"><summary>{esc(part.summary)}</summary>{inner}</details>'
     return _html_card(part.card, anchor)
 
 
@@ -530,18 +642,29 @@ def to_markdown(title: str, stamp: str, rendered: list[Rendered], files: Path) -
         if r.status == "not run":
             out += [f"*not run yet: `{r.command}`*", ""]
         for part in r.parts:
-            if isinstance(part, Figure):
-                files.mkdir(parents=True, exist_ok=True)
-                n_fig += 1
-                (files / f"figure-{n_fig}.png").write_bytes(part.png)
-                out += [f"![{part.alt}]({files.name}/figure-{n_fig}.png)", ""]
-            elif isinstance(part, Note):
-                out += [part.text, ""]
-            elif isinstance(part, Table):
-                out += _md_table(part.frame, part.max_rows, part.caption) + _md_sql(part.sql)
-            else:
-                out += _md_card(part.card)
+            lines, n_fig = _md_part(part, files, n_fig)
+            out += lines
     return "\n".join(out) + "\n"
+
+
+def _md_part(part: Part, files: Path, n_fig: int) -> tuple[list[str], int]:
+    """One part's Markdown lines, and the figure count after it (figures are numbered files)."""
+    if isinstance(part, Figure):
+        files.mkdir(parents=True, exist_ok=True)
+        n_fig += 1
+        (files / f"figure-{n_fig}.png").write_bytes(part.png)
+        return [f"![{part.alt}]({files.name}/figure-{n_fig}.png)", ""], n_fig
+    if isinstance(part, Note):
+        return [part.text, ""], n_fig
+    if isinstance(part, Table):
+        return _md_table(part.frame, part.max_rows, part.caption) + _md_sql(part.sql), n_fig
+    if isinstance(part, Toggle):
+        lines = [f"<details><summary>{html.escape(part.summary)}</summary>", ""]
+        for inner in part.parts:
+            more, n_fig = _md_part(inner, files, n_fig)
+            lines += more
+        return lines + ["</details>", ""], n_fig
+    return _md_card(part.card), n_fig
 
 
 def _md_table(df: pl.DataFrame, max_rows: int, caption: str) -> list[str]:

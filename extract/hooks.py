@@ -45,6 +45,7 @@ class _SaeEdit:
     clamp: torch.Tensor                 # [n_sel, n_f] True where clamped
     value: torch.Tensor                 # [n_sel, n_f] clamp values
     ablates_row: torch.Tensor           # [n_sel] the row has zero-ablations (at every position)
+    skips_first: torch.Tensor           # [n_sel] the row's zero-ablations leave position 0 alone
     clamp_all: torch.Tensor             # [n_sel] the row clamps at every position
     pos: torch.Tensor                   # [n_sel, max_pos] clamp positions (0 where not valid)
     pos_valid: torch.Tensor             # [n_sel, max_pos]
@@ -272,6 +273,7 @@ def _sae_edit(layer: int, specs: list[Intervention], sae: SAE | None, device: to
         sae=sae, rows=_rows_index(rows, len(specs), device), features=feats.to(sae.W_dec.device),
         W=decoder_rows(sae, feats).to(device), ablate=ablate.to(device), clamp=clamp.to(device),
         value=value.to(device), ablates_row=torch.tensor([bool(za) for za, _, _ in edits], device=device),
+        skips_first=torch.tensor([not specs[b].zero_ablate_first for b in rows], device=device),
         clamp_all=torch.tensor([bool(cl) and not ps for _, cl, ps in edits], device=device),
         pos=pos.to(device), pos_valid=pos_valid.to(device))
 
@@ -338,8 +340,10 @@ def _apply_sae_edit(h: torch.Tensor, edit: _SaeEdit, offset: int, pad_offsets: t
     """h - sum_ablated z_i W_i + sum_clamped (v_i - z_i) W_i; untouched positions keep their bits."""
     sel = h if edit.rows is None else h[edit.rows]                      # [n_sel, seq, d_model]
     z = encode(edit.sae, sel)[..., edit.features].to(h.device)          # [n_sel, seq, n_f]
-    coef = -z * edit.ablate[:, None, :]                                 # [n_sel, seq, n_f]
-    touched = edit.ablates_row[:, None].expand(-1, sel.shape[1])        # [n_sel, seq]
+    touched = edit.ablates_row[:, None].expand(-1, sel.shape[1])        # [n_sel, seq] zero-ablated here
+    if offset == 0 and edit.skips_first.any():                          # the prompt's forward holds position 0
+        touched = touched & ~_first_columns(edit, sel.shape[1], pad_offsets, positions_index, h.shape[0])
+    coef = -z * edit.ablate[:, None, :] * touched[..., None]            # [n_sel, seq, n_f]
     if edit.clamp.any():
         at = _clamp_columns(edit, sel.shape[1], offset, pad_offsets, positions_index, h.shape[0])
         here = edit.clamp[:, None, :] & at[:, :, None]                  # [n_sel, seq, n_f]
@@ -348,6 +352,21 @@ def _apply_sae_edit(h: torch.Tensor, edit: _SaeEdit, offset: int, pad_offsets: t
     new = (sel.float() + coef @ edit.W).to(h.dtype)
     new = torch.where(touched[..., None], new, sel)
     return new if edit.rows is None else h.index_copy(0, edit.rows, new)
+
+
+def _first_columns(edit: _SaeEdit, seq_len: int, pad_offsets: torch.Tensor | None,
+                   positions_index: PositionsIndex | None, n_batch: int) -> torch.Tensor:
+    """[n_sel, seq] True at position 0's column for the rows whose zero-ablations skip it."""
+    device = edit.pos.device
+    rows = edit.rows if edit.rows is not None else torch.arange(n_batch, device=device)
+    if positions_index is not None:
+        cols = positions_index(rows, torch.zeros_like(rows), seq_len).to(device).long()
+    else:
+        cols = (torch.zeros_like(rows) if pad_offsets is None
+                else torch.as_tensor(pad_offsets, device=device).long()[rows])
+    first = torch.zeros(len(rows), seq_len, dtype=torch.bool, device=device)
+    first[torch.arange(len(rows), device=device), cols] = True
+    return first & edit.skips_first[:, None]
 
 
 def _clamp_columns(edit: _SaeEdit, seq_len: int, offset: int, pad_offsets: torch.Tensor | None,

@@ -1,7 +1,9 @@
 """Intervention specs as data: what to change in the residual stream, stored and hashed with every run.
 
 Layer L is the residual after decoder block L (HF hidden_states[L+1]). The parts:
-- zero_ablate {layer: feature ids}: h' = h - sum_{i in S} z_i(h) W_dec[i]  (SAE error term kept)
+- zero_ablate {layer: feature ids}: h' = h - sum_{i in S} z_i(h) W_dec[i]  (SAE error term kept), at
+  every position, or every position but 0 with zero_ablate_first false (position 0 is the massive-
+  activation sink that the project's SAEs never saw in training)
 - clamp {layer: {feature: value}} at clamp_positions: h' = h + sum_i (v_i - z_i(h)) W_dec[i]
 - direction_ablate r: h' = h - (h . r^) r^ everywhere (Arditi et al.)
 - direction_add {vector, layer, scale}: h' = h + scale r^ after block `layer`
@@ -48,6 +50,7 @@ class Intervention:
     zero_ablate: dict[int, tuple[int, ...]] = field(default_factory=dict)     # layer -> feature ids
     clamp: dict[int, dict[int, float]] = field(default_factory=dict)          # layer -> {feature: value}
     clamp_positions: tuple[int, ...] = ()     # prompt positions (negative: from the end); () = all
+    zero_ablate_first: bool = True            # zero_ablate acts at position 0 too (omitted from the JSON when true)
     direction_ablate: tuple[float, ...] | None = None                        # every layer and position
     direction_add: DirectionAdd | None = None
 
@@ -71,6 +74,8 @@ class Intervention:
             if both:
                 raise UsageError(f"feature {both[0]} at layer {layer} is both zero-ablated and clamped; pick one")
         _check_ids(self.clamp_positions, "clamp_positions", "positions")
+        if not isinstance(self.zero_ablate_first, bool):
+            raise UsageError(f"zero_ablate_first must be true or false, got {self.zero_ablate_first!r}")
         if self.clamp_positions and not any(self.clamp.values()):
             raise UsageError("clamp_positions given without any clamped feature")
         if self.direction_ablate is not None:
@@ -106,6 +111,7 @@ class Intervention:
         add = raw.get("direction_add")
         return cls(zero_ablate=zero, clamp=clamp,
                    clamp_positions=tuple(sorted(_as_ints(raw.get("clamp_positions") or (), "clamp_positions"))),
+                   zero_ablate_first=raw.get("zero_ablate_first", True),
                    direction_ablate=None if direction is None else _as_vector(direction, "direction_ablate"),
                    direction_add=None if add is None else _direction_add(add))
 
@@ -119,6 +125,8 @@ class Intervention:
                             for l, vs in sorted(self.clamp.items())}
         if self.clamp_positions:
             out["clamp_positions"] = [int(p) for p in self.clamp_positions]
+        if not self.zero_ablate_first:                   # added later: the default is left out, so old hashes stay
+            out["zero_ablate_first"] = False
         if self.direction_ablate is not None:
             out["direction_ablate"] = [float(x) for x in self.direction_ablate]
         if self.direction_add is not None:

@@ -63,3 +63,18 @@ def test_settings_round_trip_and_validation():
         CandidateSettings(ks=(20, 10))
     with pytest.raises(UsageError, match="unknown setting"):
         CandidateSettings.from_dict({"k": 3})
+
+
+def test_ablate_first_is_hashed_only_when_set_and_reaches_the_spec():
+    from analyze.common import ablation
+    from analyze.candidates import CandidateSettings
+
+    from analyze.prune import PruneSettings
+
+    assert "ablate_first" not in CandidateSettings().hashed()             # existing candidates ids stay
+    assert "ablate_first" not in PruneSettings().hashed() and PruneSettings(ablate_first=False).hashed()["ablate_first"] is False
+    assert CandidateSettings(ablate_first=False).hashed()["ablate_first"] is False
+    assert CandidateSettings.from_dict({"ablate_first": False}) == CandidateSettings(ablate_first=False)
+    assert ablation([(3, 1)]).to_json() == '{"zero_ablate":{"3":[1]}}'
+    skip = ablation([(3, 1), (3, 0)], first=False)
+    assert skip.zero_ablate == {3: (0, 1)} and skip.zero_ablate_first is False

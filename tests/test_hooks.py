@@ -123,6 +123,27 @@ def test_zero_ablation_keeps_the_error_term(model, sae):
     assert not torch.allclose(out[LAYER + 1], h, atol=1e-4)
 
 
+def test_zero_ablation_can_leave_position_0_alone_with_left_padding(model, sae):
+    x = ids(2, seed=5)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0                                                      # row 1: position 0 is column 3
+    base = forward(model, x, attention_mask=mask).hidden_states[LAYER + 1]
+    S = active_features(sae, base)
+    skip = Intervention(zero_ablate={LAYER: S}, zero_ablate_first=False)
+    with (intervened(blocks(model), [skip, Intervention(zero_ablate={LAYER: S})], {LAYER: sae},
+                     pad_offsets=torch.tensor([0, 3])), captured(blocks(model), [LAYER]) as acts):
+        forward(model, x, attention_mask=mask)
+    assert torch.equal(acts[LAYER][0, 0], base[0, 0])                   # row 0 skips position 0: its bits kept
+    z = sae.encode(base[0, 1:])
+    assert torch.allclose(acts[LAYER][0, 1:], base[0, 1:] - z[:, list(S)] @ sae.W_dec[list(S)], atol=1e-5)
+    assert not torch.allclose(acts[LAYER][1, 3], base[1, 3], atol=1e-6)  # row 1 ablates its position 0
+    with (intervened(blocks(model), [Intervention(), skip], {LAYER: sae}, pad_offsets=torch.tensor([0, 3])),
+          captured(blocks(model), [LAYER]) as again):
+        forward(model, x, attention_mask=mask)
+    assert torch.equal(again[LAYER][1, 3], base[1, 3])                   # position 0 of a padded row
+    assert not torch.allclose(again[LAYER][1, 4:], base[1, 4:], atol=1e-6)
+
+
 def test_per_row_interventions_in_one_batch(model, sae):
     x = ids(3)
     base = forward(model, x)

@@ -14,7 +14,7 @@ FULL = Intervention(
     direction_ablate=(0.5, -0.25, 1.0, 0.0),
     direction_add=DirectionAdd(vector=(1.0, 2.0, 3.0, 4.0), layer=5, scale=-2.5),
 )
-SPECS = [Intervention(), FULL, Intervention(zero_ablate={3: ()}),
+SPECS = [Intervention(), FULL, Intervention(zero_ablate={3: ()}), dataclasses.replace(FULL, zero_ablate_first=False),
          Intervention(direction_add=DirectionAdd(vector=(0.0, 1.0), layer=0))]
 
 
@@ -50,6 +50,15 @@ def test_empty_spec_has_a_fixed_hash():
     assert FULL.layers == (0, 2, 12)
 
 
+def test_zero_ablate_first_keeps_old_hashes_when_unset():
+    spec = Intervention(zero_ablate={12: (3, 7)})
+    assert spec.to_json() == '{"zero_ablate":{"12":[3,7]}}'                  # the JSON every earlier run hashed
+    assert Intervention.from_dict({"zero_ablate": {"12": [3, 7]}, "zero_ablate_first": True}) == spec
+    off = dataclasses.replace(spec, zero_ablate_first=False)
+    assert off.to_dict() == {"zero_ablate": {"12": [3, 7]}, "zero_ablate_first": False}
+    assert off.spec_hash() != spec.spec_hash()
+
+
 def test_hash_changes_with_every_field():
     variants = [
         FULL,
@@ -58,6 +67,7 @@ def test_hash_changes_with_every_field():
         dataclasses.replace(FULL, clamp={12: {5: 2.5, 1: 10.0}, 0: {4: -1.5}}),
         dataclasses.replace(FULL, clamp={12: {6: 2.0, 1: 10.0}, 0: {4: -1.5}}),
         dataclasses.replace(FULL, clamp_positions=(-1, 0)),
+        dataclasses.replace(FULL, zero_ablate_first=False),
         dataclasses.replace(FULL, direction_ablate=(0.5, -0.25, 1.0, 1e-9)),
         dataclasses.replace(FULL, direction_ablate=None),
         dataclasses.replace(FULL, direction_add=DirectionAdd(vector=(1.0, 2.0, 3.0, 4.0), layer=6, scale=-2.5)),
@@ -96,6 +106,7 @@ def test_hash_changes_with_every_field():
     ({"direction_add": {"vector": [1.0], "layer": 2, "scale": float("nan")}}, "direction_add.scale must be finite"),
     ({"direction_add": {"vector": [1.0], "layer": "2"}}, "direction_add.layer must be an integer, got '2'"),
     ({"zero_ablation": {}}, "unknown intervention keys: ['zero_ablation']"),
+    ({"zero_ablate": {"1": [2]}, "zero_ablate_first": "no"}, "zero_ablate_first must be true or false, got 'no'"),
     ([1, 2], "an intervention spec must be a JSON object, got list"),
 ])
 def test_bad_specs_raise_one_line(raw, message):

@@ -1,5 +1,7 @@
 """The report: every section present, "not run yet" where the store lacks data, renders in headless chromium."""
 
+import base64
+import io
 import re
 import shutil
 import subprocess
@@ -64,7 +66,9 @@ def test_report_has_every_section_and_runs_what_the_store_has(tmp_path):
     assert [t for t, _ in result.sections] == [s.title for s in SECTIONS]
     assert not [t for t, s in result.sections if s == "error"], result.sections
     assert status["Costs: cross-entropy loss"] == "ok"
-    assert status["Taxonomy: features by CoCoNot category"] == "ok"
+    assert status["Taxonomy: features by CoCoNot harm subcategory (unsafe requests)"] == "ok"
+    assert status["Findings: the paper's headline figures beside ours"] == "ok"
+    assert result.sections[0][0].startswith("Findings")                 # the findings come first
     assert status["Feature cards"] == "ok"
     assert status["Redundancy: dormant features and where they switch on"] == "not run"
     html = result.html.read_text()
@@ -93,6 +97,13 @@ def test_report_renders_in_headless_chromium(tmp_path):
     dom = dom_of(result.html, tmp_path)
     for section in SECTIONS:
         assert f"<h2>{section.title.replace('>', '&gt;')}</h2>" in dom, section.title
+    assert dom.index("<h2>Findings") < dom.index("<h2>SAE quality")        # the findings come first
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', dom)
+    assert len(sources) >= 5
+    for src in sources:                                                   # no broken image: each is a PNG that decodes
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        pixels = image.imread(io.BytesIO(base64.b64decode(src.split(",", 1)[1])), format="png")
+        assert pixels.ndim == 3 and min(pixels.shape[:2]) > 10
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
@@ -116,3 +127,22 @@ def test_settings_round_trip():
     assert ReportSettings.from_dict(asdict(s)) == s
     with pytest.raises(UsageError, match="unknown setting"):
         ReportSettings.from_dict({"title": "x"})
+
+
+def test_examples_show_the_prompt_its_clean_and_ablated_completions_and_the_verdict(tmp_path):
+    from tests.planted_acts import PROMPTS
+    store = planted_store(tmp_path / "s")
+    d = PROMPTS[3]                                                        # the ablated run's prompt
+    with store.transaction() as con:
+        con.execute("UPDATE items SET completion = 'I am sorry, no.' WHERE run_id = 'clean0000000000a' AND prompt_id = ?",
+                    [d.prompt_id])
+        con.execute("UPDATE items SET completion = 'Pizza, of course.' WHERE run_id = 'ablated00000000b'")
+        con.execute("INSERT INTO candidate_sets VALUES ('c9', ?, 20, 40, 'ablated00000000b', 0, 0.1, 'compliance', "
+                    "TRUE, TRUE)", [d.prompt_id])
+    result = report.run(store, ReportSettings(out=str(tmp_path / "out")))
+    assert dict(result.sections)["Examples: clean and ablated completions"] == "ok"
+    html = result.html.read_text()
+    start = html.index('<details class="toggle"><summary>Show the examples (content warning')
+    shown = html[start:html.index("</details>", html.index("</table>", start))]
+    assert "stage 1" in shown and "top-20 candidates per layer" in shown and d.text in shown
+    assert "I am sorry, no." in shown and "Pizza, of course." in shown and "compliance" in shown
