@@ -52,13 +52,13 @@ Computed = tuple[list[tuple[str, int, np.ndarray]], dict[str, Any]]   # `_run_ba
 
 @dataclass(frozen=True)
 class WorkerSettings(Settings):
-    workers: int = 0                      # Ray actors computing batches; 0: this process, no Ray
+    n: int = 0                            # Ray actors computing batches (--workers); 0: this process, no Ray
     ray_address: str | None = None        # None: start a local Ray cluster for the job; "auto" or host:port: join one
 
     def __post_init__(self) -> None:
-        if self.workers < 0:
-            raise UsageError(f"--workers must be >= 0, got {self.workers}")
-        if self.ray_address is not None and self.workers == 0:
+        if self.n < 0:
+            raise UsageError(f"--workers must be >= 0, got {self.n}")
+        if self.ray_address is not None and self.n == 0:
             raise UsageError("--ray-address needs --workers N (N >= 1 Ray actors)")
 
 
@@ -121,7 +121,7 @@ def using(pool: Any) -> Iterator[Any]:
 @contextmanager
 def started(settings: WorkerSettings, model: Any, log: Any = None) -> Iterator[Any]:
     """The pool these settings ask for, active inside the block and closed after it."""
-    if settings.workers == 0:
+    if settings.n == 0:
         yield LOCAL
         return
     pool = RayPool.start(settings, model, log=log)
@@ -185,7 +185,7 @@ class RayPool:
 
     @classmethod
     def start(cls, settings: WorkerSettings, model: Any, log: Any = None) -> "RayPool":
-        """Connect to (or start) a Ray cluster and start `settings.workers` actors of this model."""
+        """Connect to (or start) a Ray cluster and start `settings.n` actors of this model."""
         try:
             import ray
         except ImportError:
@@ -206,12 +206,12 @@ class RayPool:
             owns = True
         resources = ray.cluster_resources()
         gpu = resources.get("GPU", 0) >= 1 and str(model.device).startswith("cuda")
-        n_threads = 1 if gpu else max(1, int(resources.get("CPU", 1)) // settings.workers)
+        n_threads = 1 if gpu else max(1, int(resources.get("CPU", 1)) // settings.n)
         options = {"num_gpus": 1, "num_cpus": 0} if gpu else {"num_cpus": 1}
         actor_cls = ray.remote(max_restarts=0, max_task_retries=0)(_Worker)
         actors = [actor_cls.options(**options).remote(model.name, _dtype_name(model.dtype),
                                                         "cuda" if gpu else "cpu", n_threads)
-                  for _ in range(settings.workers)]
+                  for _ in range(settings.n)]
         pool = cls(actors, owns, model.name)
         try:
             ray.get([a.pid.remote() for a in actors])      # every model loaded (or its error raised) before work
