@@ -11,9 +11,9 @@ controls, costs and FM-sweep evaluations fan out with no change to the stage log
 `local` computes the batches in this process with the model already loaded; it never imports Ray.
 `ray` starts N actors; each loads the model (from its name or path, the driver's dtype) and the SAEs
 (from their sources) once, on one GPU each where the cluster has GPUs, else on one CPU slot. A batch
-whose actor dies (ray.kill, SIGKILL, a lost node) is sent again to another live actor; the driver
-stages a batch once, when its result arrives, and a restaged chunk overwrites its own files, so nothing
-is duplicated or lost.
+whose actor dies (ray.kill, SIGKILL, a lost node) is sent again to another live actor, and a fresh actor
+is started in the dead one's place (up to N replacements per pool); the driver stages a batch once, when
+its result arrives, and a restaged chunk overwrites its own files, so nothing is duplicated or lost.
 
 The active pool is execution context, not a setting: `using(pool)` makes it the one `extract` uses for
 the duration of a command (a ContextVar), so stage signatures stay as they are.
@@ -175,13 +175,14 @@ class RayPool:
 
     name = "ray"
 
-    def __init__(self, actors: list[Any], owns_cluster: bool, model_name: str) -> None:
-        self.actors = list(actors)
-        self.n_started = len(actors)
+    def __init__(self, spawn: Any, n: int, owns_cluster: bool) -> None:
+        self._spawn = spawn               # () -> a new actor (the model loads in the background)
+        self.actors = [spawn() for _ in range(n)]
+        self.n_started = n
         self.owns_cluster = owns_cluster
-        self.model_name = model_name
         self.n_retried = 0                # batches sent again after their actor died
-        self.busy_s = 0.0                 # driver time waiting on actors (see bench/bench_workers.py)
+        self.n_replaced = 0               # actors started in place of dead ones
+        self.max_replacements = n         # then the pool carries on with the actors it has left
 
     @classmethod
     def start(cls, settings: WorkerSettings, model: Any, log: Any = None) -> "RayPool":
@@ -208,22 +209,31 @@ class RayPool:
         gpu = resources.get("GPU", 0) >= 1 and str(model.device).startswith("cuda")
         n_threads = 1 if gpu else max(1, int(resources.get("CPU", 1)) // settings.n)
         options = {"num_gpus": 1, "num_cpus": 0} if gpu else {"num_cpus": 1}
+        kind = "GPU" if gpu else "CPU"
+        free = int(ray.available_resources().get(kind, 0))
+        if free < settings.n:                    # fail now rather than wait forever for slots
+            if owns:
+                ray.shutdown()
+            raise UsageError(f"--workers {settings.n} needs {settings.n} free {kind} slots; the Ray cluster has "
+                             f"{free}: ask for fewer workers or add machines (`ray start --address ...`)")
         actor_cls = ray.remote(max_restarts=0, max_task_retries=0)(_Worker)
-        actors = [actor_cls.options(**options).remote(model.name, _dtype_name(model.dtype),
-                                                        "cuda" if gpu else "cpu", n_threads)
-                  for _ in range(settings.n)]
-        pool = cls(actors, owns, model.name)
+
+        def spawn() -> Any:
+            return actor_cls.options(**options).remote(model.name, _dtype_name(model.dtype),
+                                                       "cuda" if gpu else "cpu", n_threads)
+        pool = cls(spawn, settings.n, owns)
         try:
-            ray.get([a.pid.remote() for a in actors])      # every model loaded (or its error raised) before work
+            ray.get([a.pid.remote() for a in pool.actors])   # every model loaded (or its error raised) before work
         except Exception as err:
             pool.close()
             raise _cause(err) from None
         if log:
-            log(f"ray: {len(actors)} workers ({'1 GPU' if gpu else f'1 CPU slot, {n_threads} threads'} each)")
+            log(f"ray: {settings.n} workers ({'1 GPU' if gpu else f'1 CPU slot, {n_threads} threads'} each)")
         return pool
 
     def status(self) -> str:
-        return f"{len(self.actors)}/{self.n_started} workers alive"
+        return f"{len(self.actors)}/{self.n_started} workers alive" + (
+            f", {self.n_replaced} replaced" if self.n_replaced else "")
 
     def compute(self, model: Any, job: Job, todo: Sequence[Batch]) -> Iterator[tuple[int, Computed]]:
         """Each batch's result in batch order, computed on the actors; a dead actor's batches go to another."""
@@ -259,7 +269,7 @@ class RayPool:
                 try:
                     ready[chunk] = ray.get(ref)
                 except RayActorError:
-                    self._drop(actor)
+                    self._replace(actor, load)
                     waiting.appendleft((chunk, batch))
                     self.n_retried += 1
                 except ray.exceptions.RayTaskError as err:
@@ -268,9 +278,16 @@ class RayPool:
                 yield order[next_k], ready.pop(order[next_k])
                 next_k += 1
 
-    def _drop(self, actor: Any) -> None:
-        if actor in self.actors:
-            self.actors.remove(actor)
+    def _replace(self, actor: Any, load: dict[int, int]) -> None:
+        """Drop a dead actor; start another in its place while replacements are left."""
+        if actor not in self.actors:
+            return
+        self.actors.remove(actor)
+        if self.n_replaced < self.max_replacements:
+            fresh = self._spawn()
+            self.actors.append(fresh)
+            load[id(fresh)] = 0
+            self.n_replaced += 1
 
     def close(self) -> None:
         import ray
