@@ -27,7 +27,6 @@ row order never does. bench/bench_workers.py measures the driver's share (its wr
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -260,9 +259,7 @@ class RayPool:
             if not inflight:
                 raise UsageError(f"every Ray worker died ({self.n_started} started); the run is resumable: "
                                  f"rerun the same command")
-            t0 = time.perf_counter()
             finished, _ = ray.wait(list(inflight), num_returns=1)
-            self.busy_s += time.perf_counter() - t0
             for ref in finished:
                 actor, (chunk, batch) = inflight.pop(ref)
                 load[id(actor)] -= 1
