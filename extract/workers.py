@@ -205,7 +205,7 @@ class RayPool:
                                  f"with `ray start --head` or leave out --ray-address") from None
             owns = True
         resources = ray.cluster_resources()
-        gpu = resources.get("GPU", 0) >= 1 and str(model.device).startswith("cuda")
+        gpu = resources.get("GPU", 0) >= 1      # the driver may sit on the CPU (--device cpu) and leave them free
         n_threads = 1 if gpu else max(1, int(resources.get("CPU", 1)) // settings.n)
         options = {"num_gpus": 1, "num_cpus": 0} if gpu else {"num_cpus": 1}
         kind = "GPU" if gpu else "CPU"
