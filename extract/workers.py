@@ -27,6 +27,7 @@ row order never does. bench/bench_workers.py measures the driver's share (its wr
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,7 @@ from store.settings import Settings
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 IN_FLIGHT_PER_WORKER = 2          # batches queued on each actor: one computing, one waiting (no idle gap)
 AHEAD_PER_WORKER = 4              # batches computed past the next one the driver writes (bounds memory)
+SLOT_WAIT_S = 15.0                # how long a new pool waits for the cluster's slots to be free
 
 Batch = tuple[int, list[int]]     # (chunk, item indices)
 Computed = tuple[list[tuple[str, int, np.ndarray]], dict[str, Any]]   # `_run_batch`'s (arrays, tables)
@@ -209,7 +211,7 @@ class RayPool:
         n_threads = 1 if gpu else max(1, int(resources.get("CPU", 1)) // settings.n)
         options = {"num_gpus": 1, "num_cpus": 0} if gpu else {"num_cpus": 1}
         kind = "GPU" if gpu else "CPU"
-        free = int(ray.available_resources().get(kind, 0))
+        free = _free_slots(ray, kind, settings.n)
         if free < settings.n:                    # fail now rather than wait forever for slots
             if owns:
                 ray.shutdown()
@@ -294,6 +296,16 @@ class RayPool:
         self.actors = []
         if self.owns_cluster and ray.is_initialized():
             ray.shutdown()
+
+
+def _free_slots(ray: Any, kind: str, wanted: int) -> int:
+    """Free CPU or GPU slots, waiting up to SLOT_WAIT_S for them: a killed actor's slot comes back late."""
+    deadline = time.monotonic() + SLOT_WAIT_S
+    while True:
+        free = int(ray.available_resources().get(kind, 0))
+        if free >= wanted or time.monotonic() > deadline:
+            return free
+        time.sleep(0.2)
 
 
 def _cause(err: BaseException) -> BaseException:

@@ -177,7 +177,8 @@ def test_the_local_pool_is_the_default_and_imports_no_ray():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=workers.PROJECT_ROOT)
 
 
-def test_a_pool_larger_than_the_free_slots_fails_at_once(pool2, planted_model):
+def test_a_pool_larger_than_the_free_slots_fails_at_once(pool2, planted_model, monkeypatch):
+    monkeypatch.setattr(workers, "SLOT_WAIT_S", 0.5)                   # slots freed late are waited for 15 s
     with pytest.raises(UsageError, match="--workers 1 needs 1 free CPU slots; the Ray cluster has 0"):
         workers.RayPool.start(WorkerSettings(n=1), planted_model)      # pool2 holds both CPUs
 
