@@ -195,3 +195,29 @@ def test_cli_pool_options_are_checked_before_anything_loads(tmp_path):
     assert_one_error(runner.invoke(app, ["analyze", "prune", "--workers", "-2", "--store", str(tmp_path / "s")]),
                      "error: --workers must be >= 0, got -2")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_profile_sets_the_pool_and_the_options_override_it(tmp_path):
+    import json
+
+    from analyze import pipeline
+    from cli_support import worker_settings
+
+    raw = json.loads(pipeline.profile_path("quick").read_text())
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({**raw, "workers": {"n": 3, "ray_address": "auto"}}))
+    settings = pipeline.PipelineSettings.from_dict(pipeline.read_profile(path, 24))
+    assert settings.workers == WorkerSettings(n=3, ray_address="auto")
+    assert worker_settings(None, None, settings.workers) == settings.workers
+    assert worker_settings(1, None, settings.workers) == WorkerSettings(n=1, ray_address="auto")
+    assert worker_settings(None, None) == WorkerSettings()                 # the default: in process
+    with pytest.raises(UsageError, match="unknown setting 'workers.count'"):
+        pipeline.check_profile(_with(tmp_path, raw, {"count": 2}))
+
+
+def _with(tmp_path, raw, workers_section):
+    import json
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**raw, "workers": workers_section}))
+    return path
