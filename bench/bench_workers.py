@@ -102,9 +102,6 @@ def main() -> None:
           f"({n_tokens} tokens), batch {args.batch_size}, layers {list(settings.layers)}")
 
     timed(model, warm[:args.batch_size], settings)                      # warm-up
-    local = min(timed(model, items, settings) for _ in range(args.repeats))
-    print(f"in-process      wall {local:6.2f} s  {len(items) / local:5.2f} items/s")
-
     times, computed = shard_times(model, items, settings)
     with workers.using(ReplayPool(computed)):
         t_driver = min(timed(model, items, settings) for _ in range(args.repeats))
@@ -112,19 +109,29 @@ def main() -> None:
 
     ray.init(include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(workers.PROJECT_ROOT)}})
+    walls, locals_ = {}, []
     try:
-        walls = {}
         for n in [int(x) for x in args.workers.split(",")]:
             t0 = time.perf_counter()
             with workers.started(workers.WorkerSettings(n=n), model) as pool:
                 started = time.perf_counter() - t0
                 timed(model, warm[:args.batch_size * n], settings)    # warm-up on every actor
-                walls[n] = min(timed(model, items, settings) for _ in range(args.repeats))
+                pairs = []                                            # in-process and Ray runs alternate, so a
+                for _ in range(args.repeats):                         # change in the machine's load hits both
+                    with workers.using(workers.LOCAL):
+                        here = timed(model, items, settings)
+                    pairs.append((here, timed(model, items, settings)))
                 assert pool.status() == f"{n}/{n} workers alive"
+            local, walls[n] = min(p[0] for p in pairs), min(p[1] for p in pairs)
+            locals_.append(local)
+            ratios = sorted(r / h for h, r in pairs)
+            print(f"in-process      wall {local:6.2f} s  {len(items) / local:5.2f} items/s")
             print(f"ray {n} worker{'s' if n > 1 else ' '}   wall {walls[n]:6.2f} s  {len(items) / walls[n]:5.2f} "
-                  f"items/s  ratio {walls[n] / local:.2f} vs in-process  (pool start {started:.1f} s)")
+                  f"items/s  ratio {walls[n] / local:.2f} vs in-process (best of {args.repeats}; paired ratios "
+                  f"{', '.join(f'{r:.2f}' for r in ratios)})  pool start {started:.1f} s")
     finally:
         ray.shutdown()
+    local = min(locals_)
 
     n_batches = len(times)
     overhead = walls.get(1, local) - max(n_batches * t_shard, t_driver)
