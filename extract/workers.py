@@ -73,11 +73,14 @@ class Job:
     items: Sequence[Any]                  # Item
     row_start: np.ndarray                 # [n_items] each item's first row
     resid_np: type
+    prefix: Any = None                    # main's PrefixSource (extract/prefix.py): shipped with the job as data
 
     def compute(self, model: Any, saes: Sequence[Any], batch: list[int]) -> Computed:
         from extract.run import _run_batch
 
-        return _run_batch(model, saes, self.settings, self.items, batch, self.row_start, self.run_id, self.resid_np)
+        extra = () if self.prefix is None else (self.prefix,)
+        return _run_batch(model, saes, self.settings, self.items, batch, self.row_start, self.run_id, self.resid_np,
+                          *extra)
 
 
 class LocalPool:
