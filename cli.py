@@ -14,8 +14,8 @@ from typing import Optional
 import typer
 
 from cli_analyze import analyze_app
-from cli_support import (BatchOpt, DeviceOpt, DtypeOpt, ModelOpt, SaeOpt, StoreOpt, _load_model, _log, _open_store, opt,
-                         stage_command, user_errors)
+from cli_support import (BatchOpt, DeviceOpt, DtypeOpt, ModelOpt, RayAddressOpt, SaeOpt, StoreOpt, WorkersOpt, _load_model,
+                         _log, _open_store, opt, stage_command, user_errors, worker_settings)
 from store.errors import UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -43,7 +43,7 @@ def extract(
     generate: Optional[int] = opt("--generate", "Greedy completion length in tokens (0: none)."),
     save_logits: Optional[bool] = opt("--save-logits/--no-save-logits", "Store last-position logits (float16) in Zarr."),
     batch_size: Optional[int] = BatchOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
-    store: str = StoreOpt,
+    workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt, store: str = StoreOpt,
 ) -> None:
     """Run prompts through a model and store residuals, SAE activations, P("I") and completions.
 
@@ -58,7 +58,7 @@ def extract(
             generate=generate, save_logits=save_logits, batch_size=batch_size, device=device, dtype=dtype,
             limit=limit or None)
         req = replace(req, limit=None) if limit == 0 else req            # --limit 0: every prompt
-        summary = request.run_extract(store, req, log=_log)
+        summary = request.run_extract(store, req, log=_log, workers=worker_settings(workers, ray_address))
     typer.echo(request.summary_line(summary))
     for line in request.detail_lines(summary):
         typer.echo(line)
@@ -165,6 +165,22 @@ def report(
         raise typer.Exit(1)
 
 
+@store_app.command("init")
+def store_init(
+    arrays: Optional[str] = opt("--arrays", "URL for the Zarr arrays (s3://bucket/prefix, gs://..., any fsspec "
+                                "URL) (default: STORE/arrays.zarr)."),
+    store: str = StoreOpt,
+) -> None:
+    """Create a store; with --arrays its arrays live on object storage, its catalog in the local STORE directory.
+
+    Example: python cli.py store init --arrays s3://my-bucket/refusalscope/arrays.zarr --store stores/default
+    """
+    with user_errors():
+        created = _open_store(store, create=True, arrays=arrays)
+        where = created.arrays_url or str(created.arrays_root)
+    typer.echo(f"store {created.path}: catalog {created.path / 'catalog.duckdb'}, arrays {where}")
+
+
 @store_app.command("check")
 def store_check(
     repair: bool = typer.Option(False, "--repair", help="Mark damaged runs so that the same extraction recomputes them."),
@@ -227,6 +243,7 @@ def run_job(
     start: Optional[str] = opt("--from", "Rerun from this stage on, even where done: saes, direction, candidates, "
                                "prune, stage3, redundancy, controls, costs, taxonomy, report."),
     only: Optional[str] = opt("--only", "Run this stage alone (the stages before it must be done)."),
+    workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
     """The main job: SAEs, refusal direction, stages 1-3, redundancy, controls, costs, taxonomy, report; resumable.
@@ -234,15 +251,18 @@ def run_job(
     Example: python cli.py run --quick --model qwen-coder-0.5b --store stores/default
     """
     from analyze import pipeline
+    from extract import workers as pools
 
     with user_errors():
         profile = _profile_name(quick, settings_file)
         pipeline.check_stage_options(start, only)
         pipeline.check_profile(profile)                   # a bad file fails before anything is created
+        worker_settings(workers, ray_address)
         the_store = _open_store(store, create=True)
         loaded = _load_model(model, device, dtype)
         settings = pipeline.load_settings(profile, loaded, out=out)
-        result = pipeline.run(the_store, loaded, settings, log=_log, on_stage=typer.echo, start=start, only=only)
+        with pools.started(worker_settings(workers, ray_address, settings.workers), loaded, log=_log):
+            result = pipeline.run(the_store, loaded, settings, log=_log, on_stage=typer.echo, start=start, only=only)
     if result.report is not None:
         typer.echo(f"report: {result.report}\nmarkdown: {result.markdown}")
 

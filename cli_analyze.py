@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from cli_support import (BatchOpt, DeviceOpt, DtypeOpt, GenerateOpt, JudgeOpt, MaxPromptsOpt, ModelOpt, SaeOpt, StoreOpt,
-                         _log, _options, _stage, opt, stage_command)
+from cli_support import (EXECUTION, BatchOpt, DeviceOpt, DtypeOpt, GenerateOpt, JudgeOpt, MaxPromptsOpt, ModelOpt,
+                         RayAddressOpt, SaeOpt, StoreOpt, WorkersOpt, _log, _options, _stage, opt, stage_command)
 
 analyze_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The paper's analysis stages over a store.")
 
@@ -27,6 +27,7 @@ def analyze_direction(
     add_scale: Optional[float] = opt("--add-scale", "direction_add scale (default: |diff in means| at l*)."),
     batch_size: Optional[int] = BatchOpt,
     plots: Optional[Path] = opt("--plots", "Directory for the PNG plots (default: STORE/plots)."),
+    workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
     """Refusal direction per layer (difference in means), its ablation ASR on held-out prompts, l*, controls, plots.
@@ -36,13 +37,13 @@ def analyze_direction(
     from analyze import plots as plotting
     from extract.layers import parse_layers
 
-    options = _options(locals(), "plots", "layers", "model", "device", "dtype")
+    options = _options(locals(), "plots", "layers", "model", "device", "dtype", *EXECUTION)
 
     def run(m, s, loaded, built):
         chosen = parse_layers(layers, loaded.n_layers) if layers else built.layers
         return m.run(s, loaded, replace(built, layers=chosen), log=_log)
     stage_command("analyze.direction", store, lambda m: m.DirectionSettings.from_options(**options), run, model,
-                  device, dtype, then=lambda m, s, r: [
+                  device, dtype, workers=workers, ray_address=ray_address, then=lambda m, s, r: [
         f"plot: {f}" for f in plotting.direction_plots(s, r.direction_id, plots or Path(store) / "plots")])
 
 
@@ -61,13 +62,14 @@ def analyze_candidates(
     ablate_first: Optional[bool] = opt("--ablate-first/--no-ablate-first",
                                        "Zero-ablate at position 0 (the massive-activation sink) too."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
+    workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
     """Stage 1: per refused prompt, the smallest K whose top-K latents per layer by cos(r, W_dec) jailbreak it.
 
     Example: python cli.py analyze candidates --n-prompts 16 --sae-store stores/saes --store stores/default
     """
-    options = _options(locals(), "sae", "sae_store", "model", "device", "dtype")
+    options = _options(locals(), "sae", "sae_store", "model", "device", "dtype", *EXECUTION)
 
     def run(m, s, loaded, built):
         from analyze.common import sae_specs_from_store
@@ -75,7 +77,7 @@ def analyze_candidates(
         saes = tuple(sae) + (sae_specs_from_store(sae_store, loaded.name) if sae_store else ())
         return m.run(s, loaded, replace(built, saes=saes), log=_log)
     stage_command("analyze.candidates", store, lambda m: m.CandidateSettings.from_options(**options), run, model,
-                  device, dtype)
+                  device, dtype, workers=workers, ray_address=ray_address)
 
 
 @analyze_app.command("prune")
@@ -94,6 +96,7 @@ def analyze_prune(
     ablate_first: Optional[bool] = opt("--ablate-first/--no-ablate-first",
                                        "Zero-ablate at position 0 (the massive-activation sink) too."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
+    workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
     """Stage 2: Algorithm 1 (blocks of N, keep if delta P("I") >= tau) in lockstep, minimal sets, jailbreak table.
@@ -122,6 +125,7 @@ def analyze_stage3(
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     fm_device: Optional[str] = opt("--fm-device", "Where the FM trains: auto (cuda if available), cpu, cuda."),
     plot: Optional[Path] = opt("--plot", "PNG of ASR per K (default: STORE/plots/stage3_<sweep>.png)."),
+    workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
     """Stage 3: factorization machine vs linear probe on SAE activations, and the top-K ablation sweep.
@@ -132,7 +136,7 @@ def analyze_stage3(
     from extract.layers import parse_layers
 
     options = _options(locals(), "layers", "sae", "embedding", "epochs", "lr", "fm_device", "plot", "model", "device",
-                       "dtype")
+                       "dtype", *EXECUTION)
 
     def settings(m):
         from analyze.stage3.fm import FmSettings
@@ -143,7 +147,8 @@ def analyze_stage3(
     def run(m, s, loaded, built):
         chosen = parse_layers(layers, loaded.n_layers) if layers else built.layers
         return m.run(s, loaded, replace(built, layers=chosen), log=_log)
-    stage_command("analyze.stage3", store, settings, run, model, device, dtype, then=lambda m, s, r: [] if r.asr is None else [
+    stage_command("analyze.stage3", store, settings, run, model, device, dtype, workers=workers,
+                  ray_address=ray_address, then=lambda m, s, r: [] if r.asr is None else [
         f"plot: {plots.stage3_plot(r, plot or Path(store) / 'plots' / f'stage3_{r.sweep_id}.png')}"])
 
 
@@ -157,6 +162,7 @@ def analyze_redundancy(
     clamp_positions: Optional[str] = opt("--clamp-positions", "Prompt positions clamped (0: the first token)."),
     max_prompts: Optional[int] = MaxPromptsOpt,
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
+    workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
     """Dormant ("hydra") features of the stage-2 sets, their switch-on by token role, clamping, stage-3 links.
@@ -177,6 +183,7 @@ def analyze_controls(
     judge: Optional[str] = opt("--judge", "Judge (default: the prune analysis' judge)."),
     generate: Optional[int] = opt("--generate", "Completion tokens (default: the prune analysis' value)."),
     batch_size: Optional[int] = BatchOpt,
+    workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
     """O'Brien et al. baseline: ablate every SAE feature active on >= k prompt tokens; ASR per k beside the random control.
@@ -200,6 +207,7 @@ def analyze_transfer(
     judge: Optional[str] = opt("--judge", "Judge (default: the prune analysis' judge)."),
     generate: Optional[int] = opt("--generate", "Completion tokens (default: the prune analysis' value)."),
     batch_size: Optional[int] = BatchOpt,
+    workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
     """Apply the direction, the stage-2 union and shared core and the stage-3 features to held-out harmful prompts.
@@ -221,20 +229,22 @@ def analyze_costs(
     conditions: Optional[str] = opt("--conditions", "Subset of baseline, direction_ablation, feature_ablation."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     seed: Optional[int] = opt("--seed", "Seed of the samples."),
+    workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
     """CE loss on Alpaca and WikiText-2 and over-refusal on XSTest, unmodified vs direction vs feature ablation.
 
     Example: python cli.py analyze costs --max-prompts 8 --store stores/default
     """
-    options = _options(locals(), "sae", "model", "device", "dtype")
+    options = _options(locals(), "sae", "model", "device", "dtype", *EXECUTION)
 
     def run(m, s, loaded, built):
         from extract.saes import resolve_saes
 
         saes = resolve_saes(s, loaded, tuple(sae), "") if "feature_ablation" in built.conditions else []
         return m.run(s, loaded, saes, built, log=_log)
-    stage_command("analyze.costs", store, lambda m: m.CostsSettings.from_options(**options), run, model, device, dtype)
+    stage_command("analyze.costs", store, lambda m: m.CostsSettings.from_options(**options), run, model, device, dtype,
+                  workers=workers, ray_address=ray_address)
 
 
 @analyze_app.command("taxonomy")

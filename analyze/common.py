@@ -18,6 +18,7 @@ from extract.datasets import Prompt, load_prompts
 from extract.interventions import Intervention
 from extract.models import LoadedModel
 from extract.saes import resolve_saes, trained_saes
+from extract import workers
 from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
 
@@ -105,7 +106,8 @@ def evaluate(store: Store, model: LoadedModel, prompts: Sequence[Prompt], specs:
 
     def progress(n_items: int, _tokens: int) -> None:
         done[0] += n_items
-        log(f"  {done[0]}/{len(items)} items")
+        alive = workers.active().status()
+        log(f"  {done[0]}/{len(items)} items" + (f" ({alive})" if alive else ""))
 
     result = extract(store, model, items, refs, settings, progress if len(items) > settings.batch_size else None)
     rows = store.sql("SELECT item, p_i, completion FROM items WHERE run_id = ? ORDER BY item", [result.run_id])

@@ -44,6 +44,7 @@ from extract.layers import parse_layers
 from extract.models import LoadedModel
 from extract.saes import resolve_saes
 from extract.run import ExtractSettings, extract, make_items
+from extract.workers import WorkerSettings
 from store import Store, UsageError
 from store.settings import Settings
 
@@ -76,6 +77,7 @@ class PipelineSettings(Settings):
                                           # the unsafe subset of the shipped file holds 395)
     taxonomy: TaxonomySettings = field(default_factory=TaxonomySettings)
     report: ReportSettings = field(default_factory=ReportSettings)
+    workers: WorkerSettings = field(default_factory=WorkerSettings)   # where forward passes run; in no stage's key
 
     def __post_init__(self) -> None:
         if self.sae is None and not self.saes:

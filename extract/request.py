@@ -15,6 +15,7 @@ from extract.layers import parse_layers
 from extract.models import DEFAULT_MODEL, load_model
 from extract.saes import resolve_saes
 from extract.run import ExtractSettings, RunResult, extract, make_items
+from extract.workers import WorkerSettings, active, started
 from store import Store
 from store.settings import Settings
 
@@ -37,8 +38,11 @@ class ExtractRequest(Settings):
     dtype: str | None = None                # None: auto (bfloat16 on cuda and on CPUs with native bf16, else float32)
 
 
-def run_extract(store_path: str, req: ExtractRequest, log: Callable[[str], None]) -> RunSummary:
-    """Run the extraction a request describes; every input is checked before the store is created."""
+def run_extract(store_path: str, req: ExtractRequest, log: Callable[[str], None],
+                workers: WorkerSettings = WorkerSettings()) -> RunSummary:
+    """Run the extraction a request describes; every input is checked before the store is created.
+
+    `workers`: the forward passes run on that many Ray actors (extract/workers.py); the run is the same."""
     spec = load_intervention(Path(req.intervention)) if req.intervention else Intervention()
     prompts = [p for name in req.datasets for p in load_prompts(name, limit=req.limit, seed=req.seed)]
     log(f"loading {req.model} ...")
@@ -51,7 +55,8 @@ def run_extract(store_path: str, req: ExtractRequest, log: Callable[[str], None]
     store = Store.create(store_path)
     saes = resolve_saes(store, model, req.saes, req.sae_layers)
     items = make_items(model, prompts, spec)
-    result = extract_with_progress(store, model, items, saes, settings)
+    with started(workers, model, log=log):
+        result = extract_with_progress(store, model, items, saes, settings)
     return summarize(store, result)
 
 
@@ -79,7 +84,9 @@ def extract_with_progress(store, model, items, saes, settings) -> RunResult:
         def progress(n_items: int, n_tok: int) -> None:
             n_tokens[0] += n_tok
             bar.update(n_items)
-            bar.set_postfix_str(f"{n_tokens[0] / max(time.perf_counter() - t0, 1e-9):.0f} tok/s")
+            alive = active().status()                   # one bar over every worker: "2/2 workers alive"
+            bar.set_postfix_str(f"{n_tokens[0] / max(time.perf_counter() - t0, 1e-9):.0f} tok/s"
+                                + (f", {alive}" if alive else ""))
         return extract(store, model, items, saes, settings, progress)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from extract import workers
 from extract.chat import Chat, render_chat, render_raw
 from extract.datasets import Prompt
 from extract.hooks import captured, intervened, run_until
@@ -198,16 +199,17 @@ def extract(store: Store, model: LoadedModel, items: Sequence[Item], saes: Seque
     done = writer.done_chunks()
     order = processing_order(items)
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+    todo = [(chunk, batch) for chunk, batch in enumerate(batches) if chunk not in done]
     try:
-        prefix = _prefix_for(store, model, saes, settings, items) if len(done) < len(batches) else None
-        for chunk, batch in enumerate(batches):
-            n_tok = sum(len(items[i].chat.input_ids) for i in batch)
-            if chunk not in done:
-                arrays, tables = _run_batch(model, saes, settings, items, batch, row_start, plan.run_id, resid_np,
-                                            prefix)
-                writer.submit(chunk, arrays, tables)
+        prefix = _prefix_for(store, model, saes, settings, items) if todo else None
+        job = workers.Job(plan.run_id, tuple(saes), settings, items, row_start, resid_np, prefix)
+        if progress and done:                       # batches staged before a resume
+            resumed = [batches[c] for c in sorted(done) if c < len(batches)]
+            progress(sum(map(len, resumed)), sum(len(items[i].chat.input_ids) for b in resumed for i in b))
+        for chunk, (arrays, tables) in workers.active().compute(model, job, todo):   # in chunk order
+            writer.submit(chunk, arrays, tables)
             if progress:
-                progress(len(batch), n_tok)
+                progress(len(batches[chunk]), sum(len(items[i].chat.input_ids) for i in batches[chunk]))
         layers = _layers_table(plan.run_id, model, saes, settings)
         writer.commit({"layers": layers})
     except BaseException:

@@ -47,7 +47,7 @@ def raw_chunk_bytes(arr: zarr.Array) -> int | None:
 
 def file_crc32(path: Path) -> int:
     crc = 0
-    with open(path, "rb") as f:
+    with path.open("rb") as f:                 # a Path or a UPath (arrays on object storage)
         while block := f.read(CRC_BLOCK):
             crc = zlib.crc32(block, crc)
     return crc

@@ -59,24 +59,70 @@ class Store:
     def __init__(self, path: Path, read_only: bool) -> None:
         self.path = path
         self.read_only = read_only
+        self._arrays_root: Any = None
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path) -> "Store":
-        """Create a new store (or open an existing one for writing, migrating it)."""
+    def create(cls, path: str | Path, arrays: str | None = None) -> "Store":
+        """Create a new store (or open an existing one for writing, migrating it).
+
+        `arrays`: a URL (s3://bucket/prefix, gs://..., any fsspec URL) where the store's Zarr arrays live
+        instead of <store>/arrays.zarr; recorded in the catalog when the store is created. The catalog
+        and the staged rows stay in the local directory `path`.
+        """
         root = Path(path)
+        if "://" in str(path):
+            raise UsageError(f"--store is the local directory of the catalog, got the URL {path}; create the "
+                             f"store with `python cli.py store init --store DIR --arrays {path}`")
         if root.exists() and not root.is_dir():
             raise StoreError(f"{root} exists and is not a directory")
         root.mkdir(parents=True, exist_ok=True)
         (root / STAGING).mkdir(exist_ok=True)
-        if not (root / ARRAYS / "zarr.json").exists():
-            try:
-                zarr.open_group(str(root / ARRAYS), mode="a", zarr_format=3)
-            except zarr.errors.ContainsGroupError:      # another process created it meanwhile
-                pass
         store = cls(root, read_only=False)
         store._migrate()
+        if arrays is not None:
+            store._record_arrays_url(arrays)
+        if not (store.arrays_root / "zarr.json").exists():
+            try:
+                zarr.open_group(str(store.arrays_root), mode="a", zarr_format=3)
+            except zarr.errors.ContainsGroupError:      # another process created it meanwhile
+                pass
         return store
+
+    def _record_arrays_url(self, url: str) -> None:
+        if "://" not in url:
+            raise UsageError(f"--arrays must be a URL such as s3://bucket/prefix, got {url!r}")
+        with self.transaction() as con:
+            found = con.execute("SELECT value FROM meta WHERE key = 'arrays_url'").fetchall()
+            n_runs = con.execute("SELECT count(*) FROM runs").fetchall()[0][0]
+            if found and found[0][0] != url or not found and n_runs:
+                raise UsageError(f"store {self.path} keeps its arrays at {found[0][0] if found else 'arrays.zarr'}; "
+                                 f"give a new store directory for arrays at {url}")
+            if not found:
+                con.execute("INSERT INTO meta VALUES ('arrays_url', ?)", [url])
+        self._arrays_root = None
+
+    @property
+    def arrays_url(self) -> str | None:
+        """The URL the arrays live at, None when they are in <store>/arrays.zarr."""
+        return self._meta().get("arrays_url")
+
+    @property
+    def arrays_root(self) -> Any:
+        """The root of the store's Zarr tree: a local Path, or a UPath for a URL (fsspec underneath)."""
+        if getattr(self, "_arrays_root", None) is None:
+            url = self.arrays_url
+            if url is None:
+                self._arrays_root = self.path / ARRAYS
+            else:
+                try:
+                    from upath import UPath
+                except ImportError:
+                    raise UsageError(f"store {self.path} keeps its arrays at {url}: pip install "
+                                     f"'refusalscope[cloud]' (universal_pathlib and s3fs or gcsfs)") from None
+                # no listings cache: zarr writes through its own filesystem object, a cached listing goes stale
+                self._arrays_root = UPath(url, use_listings_cache=False)
+        return self._arrays_root
 
     @classmethod
     def open(cls, path: str | Path, read_only: bool = True) -> "Store":
@@ -237,12 +283,12 @@ class Store:
 
     # ---- arrays --------------------------------------------------------------------------
     def run_arrays(self, run_id: str) -> Path:
-        """The directory of one run's arrays: arrays.zarr/runs/<run_id>."""
-        return self.path / ARRAYS / "runs" / run_id
+        """The directory of one run's arrays: arrays.zarr/runs/<run_id> (a UPath for a URL store)."""
+        return self.arrays_root / "runs" / run_id
 
     def array_path(self, run_id: str, name: str) -> Path:
-        """Where one run's array lives: arrays.zarr/runs/<run_id>/<name>."""
-        return self.path / ARRAYS / "runs" / run_id / name
+        """Where one run's array lives: arrays.zarr/runs/<run_id>/<name> (a UPath for a URL store)."""
+        return self.arrays_root / "runs" / run_id / name
 
     def open_array(self, run_id: str, name: str) -> zarr.Array:
         path = self.array_path(run_id, name)
