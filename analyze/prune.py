@@ -449,7 +449,8 @@ def summary_line(r: PruneResult) -> str:
     """One line: prompts jailbroken by their minimal sets, set sizes, the random controls with McNemar, the work."""
     m = r.summary
     sizes = m.get("set_sizes") or {}
-    spread = (f" ± {fmt(sizes.get('std'), '.1f')}, {sizes['min']}..{sizes['max']}" if sizes.get("n") else "")
+    spread = ((f" ± {sizes['std']:.1f}" if sizes.get("std") is not None else "")
+              + (f" ({sizes['min']}..{sizes['max']})" if sizes.get("n") else ""))
     controls = "; ".join(f"{_CONTROL_NAMES[kind]} {rate_text(c['n_jailbroken'], c['n_prompts'])}, "
                          f"McNemar p = {p_text(c['paired']['p_value'])}" for kind, c in m.get("controls", {}).items())
     return (f"{m['n_jailbroken']}/{m['n_prompts']} prompts jailbroken by their minimal sets "
@@ -471,7 +472,7 @@ def detail_lines(r: PruneResult) -> list[str]:
     for row in r.per_tau.iter_rows(named=True):
         std = row.get("std_features")
         lines.append(f"{row['tau']:>5.1f} {rate_text(row['n_jailbroken'], row['n_prompts']):<22} "
-                     f"{row['mean_features']:>6.1f} ± {fmt(std, '.1f'):<4}")
+                     f"{row['mean_features']:>6.1f}" + (f" ± {std:.1f}" if std is not None else ""))
     for kind, c in m.get("controls", {}).items():
         p = c["paired"]
         table = Paired(p["n_both"], p["n_a_only"], p["n_b_only"], p["n_neither"])
