@@ -145,7 +145,7 @@ def test_report_section(stage2, result, tmp_path):
 
 
 def test_settings_round_trip_and_validation():
-    s = ControlsSettings(ks=(2, 4), roles=("user",), max_prompts=3, judge="p_i@0.3", generate=16)
+    s = ControlsSettings(ks=(2, 4), roles=("user",), max_prompts=3, judge="p_i@0.3", generate=16, population="stage2")
     assert ControlsSettings.from_dict(json.loads(json.dumps(asdict(s)))) == s
     assert ControlsSettings.from_dict(asdict(ControlsSettings())) == ControlsSettings()
     for bad in ({"ks": ()}, {"ks": (0, 1)}, {"ks": (3, 2)}, {"roles": ("assistant",)}, {"judge": "vibes"},

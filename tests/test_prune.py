@@ -165,9 +165,11 @@ def test_minimal_sets_jailbreak_and_random_controls_do_not(stage1, pruned):
 
 
 def test_settings_round_trip_and_validation():
-    s = PruneSettings(taus=(0.2, 0.4), seeds=(3,), max_prompts=2, pool="active")
+    s = PruneSettings(taus=(0.2, 0.4), seeds=(3,), max_prompts=2, pool="active", magnitude_bins=10)
     assert PruneSettings.from_dict(asdict(s)) == s
-    for bad in ({"block_size": 0}, {"pool": "all"}, {"seeds": (1, 1)}, {"taus": ()}):
+    # added later: hashed only when set, so existing prune ids stay
+    assert "magnitude_bins" not in PruneSettings().hashed() and PruneSettings(magnitude_bins=10).hashed()["magnitude_bins"] == 10
+    for bad in ({"block_size": 0}, {"pool": "all"}, {"seeds": (1, 1)}, {"taus": ()}, {"magnitude_bins": 0}):
         with pytest.raises(UsageError):
             PruneSettings(**bad)
 
