@@ -95,6 +95,8 @@ def analyze_prune(
                                     "(the pseudocode's while |C\\K| >= N)."),
     ablate_first: Optional[bool] = opt("--ablate-first/--no-ablate-first",
                                        "Zero-ablate at position 0 (the massive-activation sink) too."),
+    magnitude_bins: Optional[int] = opt("--magnitude-bins", "Quantile bins of the magnitude-matched random control "
+                                        "(4: quartiles of the prompt's activation values per layer)."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
@@ -119,8 +121,10 @@ def analyze_stage3(
     diagnostic_embeddings: Optional[str] = opt("--diagnostic-embeddings", "Embedding sizes for the similarity diagnostic."),
     sweep: Optional[bool] = opt("--sweep/--no-sweep", "Run the ablation sweep (needs stage-2 sets)."),
     ks: Optional[str] = opt("--ks", "K values (FM-ranked latents ablated with the stage-2 set): list or start:stop:step."),
-    probe_ks: Optional[str] = opt("--probe-ks", "K values for the probe-ranked sweep."),
+    probe_ks: Optional[str] = opt("--probe-ks", "K values for the probe-ranked sweep (default: the FM's, paired)."),
     aggregate: Optional[str] = opt("--aggregate", "FM score over a prompt's stage-2 set: max or mean cosine."),
+    stage2_set: Optional[str] = opt("--stage2-set", "Stage-2 part ablated under the top-K: active (the paper: "
+                                    "dormant features removed) or full."),
     max_prompts: Optional[int] = MaxPromptsOpt,
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     fm_device: Optional[str] = opt("--fm-device", "Where the FM trains: auto (cuda if available), cpu, cuda."),
@@ -179,6 +183,8 @@ def analyze_controls(
     prune_id: Optional[str] = opt("--prune", "Prune analysis whose prompts and SAEs are used (default: the newest)."),
     ks: Optional[str] = opt("--ks", "Ablate the features active on >= k of a prompt's tokens, for each k."),
     roles: Optional[str] = opt("--roles", "Token roles counted (first, template, user, post_instruction)."),
+    population: Optional[str] = opt("--population", "Prompts: refused (every prompt stage 1 took from its evaluation "
+                                    "split) or stage2 (only those stage 1 broke)."),
     max_prompts: Optional[int] = MaxPromptsOpt,
     judge: Optional[str] = opt("--judge", "Judge (default: the prune analysis' judge)."),
     generate: Optional[int] = opt("--generate", "Completion tokens (default: the prune analysis' value)."),
@@ -186,7 +192,7 @@ def analyze_controls(
     workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
-    """O'Brien et al. baseline: ablate every SAE feature active on >= k prompt tokens; ASR per k beside the random control.
+    """O'Brien et al. baseline: ablate every SAE feature active on >= k prompt tokens; ASR per k beside the random controls.
 
     Example: python cli.py analyze controls --ks 1,2,3,4,5,8 --store stores/default
     """

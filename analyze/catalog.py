@@ -119,3 +119,12 @@ def newest_stage3(store: Store, model: str, prune_id: str) -> str | None:
                    "WHERE f.set_id = a.analysis_id AND f.stage = 3 AND f.selected) ORDER BY a.created_at DESC LIMIT 1",
                    [model, prune_id])
     return None if df.is_empty() else df.item(0, 0)
+
+
+def paired_tests_frame(analysis_id_: str, tests: list[tuple[str, str, int, Any]]) -> pl.DataFrame:
+    """`paired_tests` rows from (a, b, k, metrics.Paired) tuples: the 2x2 table, McNemar's p, the paired difference."""
+    rows = [{"analysis_id": analysis_id_, "a": a, "b": b, "k": k, **paired.as_dict()} for a, b, k, paired in tests]
+    schema = {"analysis_id": pl.String, "a": pl.String, "b": pl.String, "k": pl.Int32, "n_pairs": pl.Int32,
+              "n_both": pl.Int32, "n_a_only": pl.Int32, "n_b_only": pl.Int32, "n_neither": pl.Int32,
+              "p_value": pl.Float64, "diff": pl.Float64, "diff_low": pl.Float64, "diff_high": pl.Float64}
+    return pl.DataFrame(rows, schema=schema)

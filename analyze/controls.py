@@ -1,22 +1,32 @@
-"""Controls: the O'Brien et al. baseline beside the stage-2 sets' random control.
+"""Controls: the O'Brien et al. baseline beside the stage-2 sets' random controls, with paired tests.
 
-O'Brien et al. ablate every SAE feature that is active on at least k tokens of the prompt. Here, for
-each prompt of a stage-2 (prune) analysis: its clean run (empty intervention, every position, SAE
-threshold 0.0: the run prune.py already made to draw its random controls, so a store hit) gives per
-(layer, feature) the number of the prompt's own tokens where it is non-zero, i.e. where `sae_acts` has
-a row. Only the tokens of roles `user` (the harmful instruction) and `post_instruction` (the template
-tail after it, up to the reply) count by default; the first token (massive activations) and the
-template before the instruction (shared by every prompt, e.g. a default system prompt) do not
-(`roles` changes this). The SAE layers are the stage-2 analysis' (its candidates' SAEs minus the
-excluded layers). For each k (default 1, 2, 3, 4, 5, 8) the features with count >= k are zero-ablated
-together at every position (SAE error term kept), with greedy generation, and judged by the stage-2
-judge: one extraction run per k, plus one clean run without intervention judged the same way.
-ASR at k = share of the prompts refused in that clean run whose ablation is judged compliance.
-Paper: at most 0.1 on Gemma-2-2B, 0.07 on Llama-3.1-8B.
+O'Brien et al. ablate every SAE feature that is active on at least k tokens of the prompt. The paper
+reports this baseline on all refused harmful prompts (max ASR 0.1 on Gemma-2-2B, 0.07 on Llama-3.1-8B),
+so by default (`population = "refused"`) the prompts are every prompt stage 1 took from its evaluation
+split (the candidates analysis' clean rows), and ASR at k = share of those refused in this analysis'
+clean run whose ablation is judged compliance; `population = "stage2"` keeps the prompts stage 1 broke
+(what this module did before issue 15: a population chosen by the pipeline's own success).
+Each prompt's clean run (empty intervention, every position, SAE threshold 0.0; for the stage-2 prompts
+the run prune.py already made, so a store hit) gives per (layer, feature) the number of the prompt's own
+tokens where it is non-zero, i.e. where `sae_acts` has a row. Only the tokens of roles `user` (the
+harmful instruction) and `post_instruction` (the template tail after it, up to the reply) count by
+default; the first token (massive activations) and the template before the instruction (shared by every
+prompt, e.g. a default system prompt) do not (`roles` changes this). The SAE layers are the stage-2
+analysis' (its candidates' SAEs minus the excluded layers). For each k (default 1, 2, 3, 4, 5, 8) the
+features with count >= k are zero-ablated together at every position (SAE error term kept), with greedy
+generation, and judged by the stage-2 judge: one extraction run per k, plus one clean run.
 
-The random control (each prompt's selected stage-2 set vs as many random features active on it) is
-made by prune.py and read from `set_checks` (kind 'random', selected), not recomputed; the selected
-sets themselves (kind 'set') are shown beside it. Tables: `control_results`, `control_asr` (0009).
+Equal feature counts: (1) `matched_k`, the k whose mean O'Brien set size is nearest the stage-2 sets'
+mean size, read off the sweep; (2) kind `obrien_size`: on each stage-2 prompt, O'Brien et al.'s ranking
+(features by counted tokens, ties by summed activation) cut to that prompt's stage-2 set size, ablated
+and judged, and compared with the stage-2 set on the same prompt.
+
+The random controls (each prompt's selected stage-2 set vs as many random features active on it, and vs
+random active features from the same activation quantiles) are made by prune.py and read from
+`set_checks` (kinds 'random', 'random_magnitude', selected), not recomputed; the selected sets
+themselves (kind 'set') are shown beside them. Every comparison of the stage-2 sets with a control on the
+same prompts gets McNemar's exact test and Newcombe's paired interval (`paired_tests`). Tables:
+`control_results`, `control_asr` (0009; ci_low, ci_high: 0013), `paired_tests` (0013).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from typing import Any
 
 import polars as pl
 
+from analyze import catalog
 from analyze.catalog import latest_analysis, save_analysis
 from analyze.common import Feature, Log, ablation, analysis_id, evaluate, load_saes, no_log, stored_prompts
 from analyze.judges import Judge, get_judge, judge_run
@@ -36,20 +47,20 @@ from extract.models import LoadedModel
 from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
 from analyze.settings import JudgedPromptSettings
-from analyze.metrics import rate_text
+from analyze.metrics import Paired, p_text, rate_ci, rate_text
 from analyze.text import fmt
 
 # per item of the clean run, each latent at the given layers with the number of the given roles'
 # tokens where it is non-zero (one sae_acts row per (row, layer, feature), so count(*) counts tokens)
 TOKEN_COUNTS_SQL = """
-SELECT t.item, a.layer, a.feature, count(*) AS n_tokens
+SELECT t.item, a.layer, a.feature, count(*) AS n_tokens, sum(a.value) AS total
 FROM sae_acts a JOIN tokens t ON t.run_id = a.run_id AND t.row = a.row
 WHERE a.run_id = ? AND list_contains(?, t.role) AND list_contains(?, a.layer)
 GROUP BY t.item, a.layer, a.feature
 ORDER BY t.item, a.layer, a.feature
 """
 
-# the prune analysis' own jailbreak checks of the selected sets (set) and their random controls (random)
+# the prune analysis' own jailbreak checks of the selected sets (set) and their random controls (random, random_magnitude)
 STAGE2_CHECKS_SQL = """
 SELECT kind, count(*) AS n_prompts, sum(jailbroken::INT) AS n_jailbroken, avg(jailbroken::INT) AS asr,
        avg(n_features) AS mean_features
@@ -57,6 +68,15 @@ FROM set_checks
 WHERE set_id = ? AND stage = 2 AND selected AND list_contains(?, prompt_id)
 GROUP BY kind ORDER BY kind
 """
+
+
+# per prompt of the prune analysis: whether its selected set and each control jailbroke it
+STAGE2_FLAGS_SQL = """
+SELECT prompt_id, kind, bool_or(jailbroken) AS jailbroken, max(n_features) AS n_features
+FROM set_checks WHERE set_id = ? AND stage = 2 AND selected GROUP BY prompt_id, kind ORDER BY prompt_id, kind
+"""
+
+POPULATIONS = ("refused", "stage2")
 
 
 @dataclass(frozen=True)
@@ -67,9 +87,14 @@ class ControlsSettings(JudgedPromptSettings):
     judge: str | None = None                     # None: the stage-2 analysis' judge
     generate: int | None = None                  # completion tokens; None: the stage-2 analysis' value
     batch_size: int = 32                         # rows per forward
+    # refused: every prompt stage 1 took from its evaluation split (ASR over those refused clean), as the paper
+    # reports the baseline; stage2: only the prompts stage 1 broke (what this module did before issue 15)
+    population: str = "refused"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.population not in POPULATIONS:
+            raise UsageError(f"population must be one of {', '.join(POPULATIONS)}, got {self.population!r}")
         if not self.ks or any(not isinstance(k, int) or k < 1 for k in self.ks) or list(self.ks) != sorted(set(self.ks)):
             raise UsageError(f"ks must be distinct ascending integers >= 1, got {self.ks}")
         if not self.roles or len(set(self.roles)) != len(self.roles) or not set(self.roles) <= set(ROLES):
@@ -89,17 +114,20 @@ class ControlsResult:
 
 def run(store: Store, model: LoadedModel, settings: ControlsSettings = ControlsSettings(),
         log: Log = no_log) -> ControlsResult:
-    """O'Brien et al. ASR per k over a stage-2 analysis' prompts, with its random control beside it."""
+    """O'Brien et al. ASR per k over the refused evaluation prompts, at the stage-2 sets' size, beside the random
+    controls, with paired tests of the stage-2 sets against each on the same prompts."""
     prune = latest_analysis(store, "prune", model.name, settings.prune_id)
     prune_id = prune["analysis_id"]
     judge = get_judge(settings.judge or prune["settings"].get("judge", "content"))
     generate = prune["settings"].get("generate", 64) if settings.generate is None else settings.generate
-    everyone = stage2_prompts(store, prune_id)
+    stage2 = stage2_prompts(store, prune_id)
+    everyone = evaluation_prompts(store, prune) if settings.population == "refused" else stage2
     prompts = everyone[:settings.max_prompts]
     saes = stage2_saes(store, model, prune)
     cid = analysis_id("controls", model.name, prune_id, settings,
                       {"saes": {str(s.layer): s.source for s in saes}, "judge": judge.judge_id, "generate": generate})
-    log(f"counting active features on {len(prompts)} stage-2 prompts ({'+'.join(settings.roles)} tokens)")
+    log(f"counting active features on {len(prompts)} prompts ({settings.population}; "
+        f"{'+'.join(settings.roles)} tokens)")
     act_run, counts = token_counts(store, model, everyone, saes, settings.roles)
     check = _Checker(store, model, saes, judge, generate if judge.needs_completion else 0, settings.batch_size, log)
     frames = [check("clean", 0, prompts, [set()] * len(prompts))]
@@ -107,13 +135,22 @@ def run(store: Store, model: LoadedModel, settings: ControlsSettings = ControlsS
         sets = obrien_sets(counts, len(prompts), k)
         log(f"k = {k}: ablating {min(map(len, sets))}..{max(map(len, sets))} features per prompt")
         frames.append(check("obrien", k, prompts, sets))
+    sizes = stage2_sizes(store, prune_id)
+    matched = [(i, p) for i, p in enumerate(prompts) if p.prompt_id in sizes]
+    if matched:
+        log(f"O'Brien et al. at the stage-2 sets' size on {len(matched)} stage-2 prompts")
+        frames.append(check("obrien_size", 0, [p for _, p in matched],
+                            size_matched_sets(counts, [i for i, _ in matched], [sizes[p.prompt_id] for _, p in matched])))
     refused = frames[0].select("prompt_id", (pl.col("verdict") == "refusal").alias("refused_clean"))
     results = pl.concat(frames).join(refused, on="prompt_id").with_columns(pl.lit(cid).alias("controls_id"))
     asr = pl.concat([obrien_asr(results), stage2_asr(store, prune_id, [p.prompt_id for p in prompts])],
-                    how="vertical_relaxed").with_columns(pl.lit(cid).alias("controls_id"))
-    summary = _summary(results, asr, act_run, settings)
+                    how="vertical_relaxed")
+    asr = with_ci(asr).with_columns(pl.lit(cid).alias("controls_id"))
+    paired = paired_tests(store, prune_id, results)
+    summary = _summary(results, asr, act_run, settings, paired, len(stage2))
     save_analysis(store, cid, "controls", model.name, prune_id, judge.judge_id, settings, summary,
-                  {"control_results": ("controls_id", results), "control_asr": ("controls_id", asr)})
+                  {"control_results": ("controls_id", results), "control_asr": ("controls_id", asr),
+                   "paired_tests": ("analysis_id", catalog.paired_tests_frame(cid, paired))})
     return ControlsResult(cid, prune_id, judge.judge_id, act_run, results, asr, summary)
 
 
@@ -126,6 +163,23 @@ def stage2_prompts(store: Store, prune_id: str) -> list[Prompt]:
     if not ids:
         raise UsageError(f"prune analysis {prune_id} has no checked stage-2 sets; run `python cli.py analyze prune`")
     return stored_prompts(store, ids)
+
+
+def evaluation_prompts(store: Store, prune: dict[str, Any]) -> list[Prompt]:
+    """Every prompt stage 1 took from its evaluation split (its clean rows, k = 0, refused or not), by prompt_id."""
+    ids = store.sql("SELECT DISTINCT prompt_id FROM candidate_sets WHERE candidates_id = ? AND k = 0 "
+                    "ORDER BY prompt_id", [prune["parent_id"]])["prompt_id"].to_list()
+    if not ids:
+        raise UsageError(f"candidates analysis {prune['parent_id']} has no clean rows; rerun `python cli.py analyze "
+                         "candidates`, or pass --population stage2")
+    return stored_prompts(store, ids)
+
+
+def stage2_sizes(store: Store, prune_id: str) -> dict[str, int]:
+    """prompt_id -> the size of its selected stage-2 set."""
+    df = store.sql("SELECT prompt_id, count(*) AS n FROM feature_sets WHERE set_id = ? AND stage = 2 AND selected "
+                   "GROUP BY prompt_id", [prune_id])
+    return {p: int(n) for p, n in df.iter_rows()}
 
 
 def stage2_saes(store: Store, model: LoadedModel, prune: dict[str, Any]) -> list[SaeRef]:
@@ -150,6 +204,17 @@ def obrien_sets(counts: pl.DataFrame, n_prompts: int, k: int) -> list[set[Featur
     for item, layer, feature in chosen.select("item", "layer", "feature").iter_rows():
         sets[item].add((int(layer), int(feature)))
     return sets
+
+
+def size_matched_sets(counts: pl.DataFrame, items: Sequence[int], sizes: Sequence[int]) -> list[set[Feature]]:
+    """Per item, its `size` features active on the most counted tokens (ties: larger summed activation, then the
+    lower (layer, feature)): O'Brien et al.'s ranking cut to the stage-2 set's size."""
+    out = []
+    for item, size in zip(items, sizes):
+        mine = (counts.filter(pl.col("item") == item)
+                .sort(["n_tokens", "total", "layer", "feature"], descending=[True, True, False, False]).head(size))
+        out.append({(int(layer), int(feature)) for layer, feature in mine.select("layer", "feature").iter_rows()})
+    return out
 
 
 # ---- runs -------------------------------------------------------------------------------------
@@ -182,14 +247,14 @@ class _Checker:
 # ---- summaries --------------------------------------------------------------------------------
 
 def obrien_asr(results: pl.DataFrame) -> pl.DataFrame:
-    """Per k: prompts refused without intervention, how many the ablation jailbreaks, mean features ablated."""
+    """Per O'Brien kind and k: prompts refused without intervention, how many the ablation jailbreaks, mean size."""
     refused = pl.col("refused_clean")
-    return (results.filter(pl.col("kind") == "obrien").group_by("kind", "k")
+    return (results.filter(pl.col("kind").is_in(["obrien", "obrien_size"])).group_by("kind", "k")
             .agg(refused.sum().cast(pl.Int32).alias("n_prompts"),
                  pl.col("jailbroken").filter(refused).sum().cast(pl.Int32).alias("n_jailbroken"),
                  pl.col("jailbroken").filter(refused).mean().cast(pl.Float32).alias("asr"),
                  pl.col("n_features").filter(refused).mean().cast(pl.Float32).alias("mean_features"))
-            .sort("k"))
+            .sort("kind", "k"))
 
 
 def stage2_asr(store: Store, prune_id: str, prompt_ids: list[str]) -> pl.DataFrame:
@@ -200,40 +265,105 @@ def stage2_asr(store: Store, prune_id: str, prompt_ids: list[str]) -> pl.DataFra
                      pl.col("asr").cast(pl.Float32), pl.col("mean_features").cast(pl.Float32))
 
 
-def _summary(results: pl.DataFrame, asr: pl.DataFrame, act_run: str, settings: ControlsSettings) -> dict[str, Any]:
+def with_ci(asr: pl.DataFrame) -> pl.DataFrame:
+    """`asr` with the Wilson 95% interval of n_jailbroken / n_prompts beside it (ci_low, ci_high)."""
+    cis = [rate_ci(k, n) for k, n in asr.select("n_jailbroken", "n_prompts").iter_rows()]
+    return asr.with_columns(pl.Series("ci_low", [c["ci_low"] for c in cis], pl.Float64),
+                            pl.Series("ci_high", [c["ci_high"] for c in cis], pl.Float64))
+
+
+def paired_tests(store: Store, prune_id: str, results: pl.DataFrame) -> list[tuple[str, str, int, Paired]]:
+    """The stage-2 sets against each control judged on the same prompts: the size-matched O'Brien sets (from
+    this analysis) and the random controls (from the prune analysis' set_checks)."""
+    flags = store.sql(STAGE2_FLAGS_SQL, [prune_id])
+    sets = flags.filter(pl.col("kind") == "set").select("prompt_id", pl.col("jailbroken").alias("stage2"))
+    others = {kind: flags.filter(pl.col("kind") == kind).select("prompt_id", "jailbroken")
+              for kind in ("random", "random_magnitude")}
+    others["obrien_size"] = results.filter(pl.col("kind") == "obrien_size").select("prompt_id", "jailbroken")
+    tests = []
+    for kind, rows in others.items():
+        pairs = sets.join(rows, on="prompt_id")
+        if pairs.height:
+            tests.append(("stage2", kind, 0, Paired.of(pairs["stage2"], pairs["jailbroken"])))
+    return tests
+
+
+def matched_k(per_k: list[dict[str, Any]], stage2: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The k whose mean O'Brien set size is nearest the stage-2 sets' mean size (ties: the smaller k)."""
+    if not stage2 or stage2.get("mean_features") is None:
+        return None
+    rows = [r for r in per_k if r["mean_features"] is not None]
+    if not rows:
+        return None
+    return min(rows, key=lambda r: (abs(r["mean_features"] - stage2["mean_features"]), r["k"]))
+
+
+def _summary(results: pl.DataFrame, asr: pl.DataFrame, act_run: str, settings: ControlsSettings,
+             paired: list[tuple[str, str, int, Paired]], n_stage2: int) -> dict[str, Any]:
     clean = results.filter(pl.col("kind") == "clean")
-    per_k = asr.filter(pl.col("kind") == "obrien").drop("kind", "controls_id").to_dicts()
+    drop = ("kind", "controls_id")
+    per_k = asr.filter(pl.col("kind") == "obrien").drop(*drop).to_dicts()
     other = {row["kind"]: {k: v for k, v in row.items() if k not in ("kind", "k", "controls_id")}
              for row in asr.filter(pl.col("kind") != "obrien").to_dicts()}
     rates = [r["asr"] for r in per_k if r["asr"] is not None]
-    runs = dict(results.select("kind", "k", "run_id").unique().sort("k")
+    runs = dict(results.select("kind", "k", "run_id").unique().sort("kind", "k")
                 .select(pl.format("{}_{}", "kind", "k"), "run_id").iter_rows())
+    best = max((r for r in per_k if r["asr"] is not None), key=lambda r: (r["asr"], -r["k"]), default=None)
     return {"n_prompts": clean.height, "n_refused": int(clean["refused_clean"].sum()), "per_k": per_k,
-            "max_asr": max(rates) if rates else None, "stage2": other.get("stage2"), "random": other.get("random"),
+            "population": settings.population, "n_stage2_prompts": n_stage2,
+            "max_asr": max(rates) if rates else None, "max_asr_k": best["k"] if best else None,
+            "max_asr_ci": [best["ci_low"], best["ci_high"]] if best else None,
+            "matched_k": matched_k(per_k, other.get("stage2")),
+            "stage2": other.get("stage2"), "random": other.get("random"),
+            "random_magnitude": other.get("random_magnitude"), "obrien_size": other.get("obrien_size"),
+            "paired": {b: p.as_dict() for _, b, _, p in paired},
             "roles": list(settings.roles), "activation_run_id": act_run, "runs": runs}
 
 
 def summary_line(r: ControlsResult) -> str:
-    """One line: O'Brien et al. ASR per k beside the random control."""
+    """One line: O'Brien et al. ASR per k, at the stage-2 size, and the random control, with McNemar's p."""
     s = r.summary
     per_k = ", ".join(f"k={row['k']} {rate_text(row['n_jailbroken'], row['n_prompts'])}" for row in s.get("per_k", ()))
-    random = s.get("random") or {}
-    rand = rate_text(random["n_jailbroken"], random["n_prompts"]) if random else "-"
-    return (f"O'Brien et al. ASR on {s.get('n_refused')} refused stage-2 prompts: {per_k or '-'}; "
-            f"random active features {rand} (prune {r.prune_id}, judge {r.judge})")
+    parts = []
+    for kind, what in (("obrien_size", "at the stage-2 sets' size"), ("random", "random active features"),
+                       ("random_magnitude", "magnitude-matched random")):
+        c, p = s.get(kind), s.get("paired", {}).get(kind)
+        if c:
+            parts.append(f"{what} {rate_text(c['n_jailbroken'], c['n_prompts'])}"
+                         + (f" (vs stage 2 McNemar p = {p_text(p['p_value'])})" if p else ""))
+    return (f"O'Brien et al. ASR on {s.get('n_refused')} refused {_POPULATION[s.get('population', 'stage2')]}: "
+            f"{per_k or '-'}; {'; '.join(parts) or 'no random control'} (prune {r.prune_id}, judge {r.judge})")
+
+
+_POPULATION = {"refused": "evaluation prompts", "stage2": "stage-2 prompts"}
 
 
 def detail_lines(r: ControlsResult) -> list[str]:
-    """Per k: features ablated and ASR; then the stage-2 sets and the random control."""
+    """Per k: features ablated and ASR with its interval; the matched k; the stage-2 sets against each control."""
     s = r.summary
-    lines = [f"{s['n_prompts']} stage-2 prompts, {s['n_refused']} refused without intervention (the ASR denominator)",
+    lines = [f"{s['n_prompts']} {_POPULATION[s.get('population', 'stage2')]}, {s['n_refused']} refused without "
+             "intervention (the ASR denominator)",
              f"O'Brien et al.: features active on >= k {'+'.join(s['roles'])} tokens, zero-ablated together",
              f"{'k':>4} {'features':>9} {'ASR':>5}"]
     for row in s["per_k"]:
         lines.append(f"{row['k']:>4} {fmt(row['mean_features'], '.1f'):>9} {fmt(row['asr']):>5}  "
-                     f"({row['n_jailbroken']}/{row['n_prompts']})")
-    for kind, what in (("stage2", "stage-2 selected sets"), ("random", "random control (as many active features)")):
-        c = s[kind]
-        lines.append(f"{what}: " + (f"ASR {fmt(c['asr'])} ({c['n_jailbroken']}/{c['n_prompts']}), "
-                                    f"{fmt(c['mean_features'], '.1f')} features per prompt" if c else "no rows in set_checks"))
+                     f"{rate_text(row['n_jailbroken'], row['n_prompts'])}")
+    m = s.get("matched_k")
+    if m:
+        lines.append(f"k matched to the stage-2 size ({fmt((s.get('stage2') or {}).get('mean_features'), '.1f')}): "
+                     f"k={m['k']}, {fmt(m['mean_features'], '.1f')} features, "
+                     f"ASR {rate_text(m['n_jailbroken'], m['n_prompts'])}")
+    for kind, what in (("stage2", "stage-2 selected sets"), ("obrien_size", "O'Brien et al. at each set's size"),
+                       ("random", "random control (as many active features)"),
+                       ("random_magnitude", "random control (same activation quantiles)")):
+        c, p = s.get(kind), s.get("paired", {}).get(kind)
+        if kind in ("stage2", "random") or c:
+            lines.append(f"{what}: " + (f"ASR {fmt(c['asr'])} {rate_text(c['n_jailbroken'], c['n_prompts'])}, "
+                                        f"{fmt(c['mean_features'], '.1f')} features per prompt" if c else
+                                        "no rows in set_checks")
+                         + (f"; stage 2 minus this {_paired_text(p)}" if p else ""))
     return lines
+
+
+def _paired_text(p: dict[str, Any]) -> str:
+    return Paired(p["n_both"], p["n_a_only"], p["n_b_only"], p["n_neither"]).text()

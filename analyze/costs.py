@@ -14,7 +14,12 @@ Cross-entropy, in nats per token, token-weighted over a sample set (`items.ce_lo
   drawn with the seed, as raw text (no template; BOS first for models that have one).
 Over-refusal: XSTest's 250 safe prompts, greedy completions, share judged "refusal" (analyze.judges).
 Under feature ablation, prompt j gets set j mod n_sets (one pass, not n_sets passes); the rate is
-pooled over all prompts and its std is over the per-set rates.
+pooled over all prompts and its std is over the per-set rates; its Wilson 95% interval is over the
+pooled prompts.
+Uncertainty (issue 15): every condition is measured on the same prompts and windows as the baseline,
+so its CE difference to the baseline (`ce_*_diff`: for feature ablation the mean over sets of each
+set's difference) gets a paired percentile-bootstrap 95% interval, prompts (windows) resampled
+together across the baseline and every set (`ce_*_diff_low`, `ce_*_diff_high`; seeded by `seed`).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
 from store.store import code_version
 from analyze.settings import JudgedPromptSettings
-from analyze.text import fmt, frame_text, pct
+from analyze.metrics import bootstrap_paired_mean_diff, rate_ci, rate_text
+from analyze.text import fmt, frame_text
 
 CONDITIONS = ("baseline", "direction_ablation", "feature_ablation")
 TEXT_DATASET = "wikitext2-eval"
@@ -103,6 +109,7 @@ def run(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings: Cost
     for cond in conditions:
         log(f"costs: {cond.name} ({len(cond.specs)} intervention{'s' if len(cond.specs) > 1 else ''})")
         rows += _measure(store, model, saes, settings, cond, samples, judge, log)
+    _differences(store, rows, settings)
     frame = _frame(costs_id, model.name, settings, judge.judge_id, rows)
     _save(store, costs_id, frame)
     return CostsResult(costs_id, frame.filter(pl.col("set_prompt_id").is_null()),
@@ -202,6 +209,41 @@ def loss_run(store: Store, model: LoadedModel, saes: Sequence[SaeRef], specs: Se
     return run_id, _ce_by_spec(store, run_id)
 
 
+def _ce_items(store: Store, run_id: str) -> pl.DataFrame:
+    """spec_hash, prompt_id, ce_loss, n_loss_tokens of every scored item of one loss run."""
+    return store.sql("SELECT spec_hash, prompt_id, ce_loss, n_loss_tokens FROM items WHERE run_id = ? "
+                     "AND n_loss_tokens > 0 ORDER BY spec_hash, prompt_id", [run_id])
+
+
+def _differences(store: Store, rows: list[dict[str, Any]], settings: CostsSettings) -> None:
+    """Add to each condition's rows (as `_diff*` entries) the CE difference to the baseline on the same prompts,
+    averaged over the condition's sets, with a paired bootstrap interval; nothing without a baseline."""
+    base = next((r for r in rows if r["condition"] == "baseline"), None)
+    if base is None:
+        return
+    for corpus in ("alpaca", "text"):
+        if not base.get(f"{corpus}_run_id"):
+            continue
+        ref = _ce_items(store, base[f"{corpus}_run_id"])
+        order = ref["prompt_id"].to_list()
+        for name in CONDITIONS[1:]:
+            mine = [r for r in rows if r["condition"] == name and r.get(f"{corpus}_run_id")]
+            if not mine:
+                continue
+            items = _ce_items(store, mine[0][f"{corpus}_run_id"])
+            specs = sorted(set(items["spec_hash"]))
+            wide = {h: dict(zip(g["prompt_id"], zip(g["ce_loss"], g["n_loss_tokens"])))
+                    for (h,), g in items.group_by(["spec_hash"])}
+            if any(set(wide[h]) != set(order) for h in specs):
+                continue                                  # not the same prompts: no paired difference
+            values = np.array([[wide[h][p][0] for p in order] for h in specs])          # [n_specs, n_prompts]
+            weights = np.array([[wide[h][p][1] for p in order] for h in specs], dtype=float)
+            est = bootstrap_paired_mean_diff(values, weights, ref["ce_loss"].to_numpy(),
+                                             ref["n_loss_tokens"].to_numpy().astype(float), seed=settings.seed)
+            for r in mine:
+                r[f"_diff_{corpus}"] = est
+
+
 def _n_features(spec: Intervention) -> int:
     return sum(len(f) for f in spec.zero_ablate.values())
 
@@ -221,6 +263,9 @@ _COLUMNS = {"costs_id": pl.String, "model": pl.String, "condition": pl.String, "
             "ce_alpaca": pl.Float64, "ce_alpaca_std": pl.Float64, "n_alpaca": pl.Int32, "n_alpaca_tokens": pl.Int32,
             "ce_text": pl.Float64, "ce_text_std": pl.Float64, "n_text": pl.Int32, "n_text_tokens": pl.Int32,
             "over_refusal": pl.Float64, "over_refusal_std": pl.Float64, "n_xstest": pl.Int32, "judge": pl.String,
+            "over_refusal_ci_low": pl.Float64, "over_refusal_ci_high": pl.Float64,
+            "ce_alpaca_diff": pl.Float64, "ce_alpaca_diff_low": pl.Float64, "ce_alpaca_diff_high": pl.Float64,
+            "ce_text_diff": pl.Float64, "ce_text_diff_low": pl.Float64, "ce_text_diff_high": pl.Float64,
             "alpaca_run_id": pl.String, "text_run_id": pl.String, "xstest_run_id": pl.String,
             "settings": pl.String, "created_at": pl.Datetime("us"), "code_version": pl.String}
 
@@ -235,7 +280,20 @@ def _frame(costs_id: str, model: str, settings: CostsSettings, judge_id: str,
             continue
         if name == "feature_ablation":
             out += [{**r, "n_sets": 1} for r in mine]
-        out.append(_summary(name, mine))
+        row = _summary(name, mine)
+        for corpus in ("alpaca", "text"):                  # the condition's paired difference to the baseline
+            est = mine[0].get(f"_diff_{corpus}")
+            if name == "baseline":
+                row.update({f"ce_{corpus}_diff": 0.0} if row.get(f"ce_{corpus}") is not None else {})
+            elif est is not None:
+                row.update({f"ce_{corpus}_diff": est.value, f"ce_{corpus}_diff_low": est.low,
+                            f"ce_{corpus}_diff_high": est.high})
+        out.append(row)
+    for row in out:
+        if row.get("n_xstest"):
+            refused = row.get("n_refused", round(row["over_refusal"] * row["n_xstest"]))
+            ci = rate_ci(int(refused), int(row["n_xstest"]))
+            row.update(over_refusal_ci_low=ci["ci_low"], over_refusal_ci_high=ci["ci_high"])
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     common = {"costs_id": costs_id, "model": model, "judge": judge_id if settings.n_xstest else None,
               "settings": json.dumps(asdict(settings), sort_keys=True), "created_at": now,
@@ -260,7 +318,8 @@ def _summary(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     judged = [r for r in rows if r.get("n_xstest")]
     if judged:                                        # pooled over every prompt; std over the per-set rates
         rates = [r["over_refusal"] for r in judged]
-        row["over_refusal"] = sum(r["n_refused"] for r in judged) / sum(r["n_xstest"] for r in judged)
+        row["n_refused"] = sum(r["n_refused"] for r in judged)
+        row["over_refusal"] = row["n_refused"] / sum(r["n_xstest"] for r in judged)
         row["over_refusal_std"] = float(np.std(rates, ddof=1)) if len(rates) > 1 else None
         row["n_xstest"] = sum(r["n_xstest"] for r in judged)
         row["xstest_run_id"] = judged[0]["xstest_run_id"]
@@ -276,19 +335,37 @@ def _save(store: Store, costs_id: str, frame: pl.DataFrame) -> None:
 
 
 def costs_table(result: CostsResult) -> pl.DataFrame:
-    """The printable table: condition, sets, CE Alpaca / text (mean ± std), over-refusal."""
+    """The printable table: condition, sets, CE Alpaca / text (mean ± std over sets), the difference to baseline
+    with its paired bootstrap interval, over-refusal with its Wilson interval."""
     def pm(mean: str, std: str) -> pl.Expr:
         return (pl.col(mean).round(4).cast(pl.String)
                 + pl.when(pl.col(std).is_not_null()).then(pl.lit(" ± ") + pl.col(std).round(4).cast(pl.String))
                 .otherwise(pl.lit(""))).alias(mean)
-    return result.table.select("condition", "n_sets", pm("ce_alpaca", "ce_alpaca_std"), pm("ce_text", "ce_text_std"),
-                               pl.col("over_refusal").round(3), "n_xstest")
+    rows = result.table.to_dicts()
+    return result.table.select("condition", "n_sets", pm("ce_alpaca", "ce_alpaca_std"), pm("ce_text", "ce_text_std")).with_columns(
+        pl.Series("Δ alpaca", [_diff_text(r, "alpaca") for r in rows], pl.String),
+        pl.Series("Δ text", [_diff_text(r, "text") for r in rows], pl.String),
+        pl.Series("over_refusal", [_refusal_text(r) for r in rows], pl.String))
+
+
+def _diff_text(row: dict[str, Any], corpus: str) -> str:
+    """'+0.123 [+0.081, +0.170]': the CE difference to baseline and its paired 95% interval; '-' unmeasured."""
+    diff, low, high = (row.get(f"ce_{corpus}_diff{s}") for s in ("", "_low", "_high"))
+    if diff is None:
+        return "-"
+    return f"{diff:+.3f}" + (f" [{low:+.3f}, {high:+.3f}]" if low is not None else "")
+
+
+def _refusal_text(row: dict[str, Any]) -> str:
+    n = row.get("n_xstest")
+    return rate_text(round(row["over_refusal"] * n), n) if n and row.get("over_refusal") is not None else "-"
 
 
 def summary_line(r: CostsResult) -> str:
-    """One line: CE on Alpaca / WikiText-2 and over-refusal per condition."""
-    parts = [f"{row['condition']} {fmt(row['ce_alpaca'], '.3f')}/{fmt(row['ce_text'], '.3f')}/{pct(row['over_refusal'])}"
-             for row in r.table.iter_rows(named=True)]
+    """One line: CE on Alpaca / WikiText-2 (difference to baseline, paired 95% interval) and over-refusal per condition."""
+    parts = [f"{row['condition']} {fmt(row['ce_alpaca'], '.3f')}/{fmt(row['ce_text'], '.3f')}"
+             + (f" (Δ {_diff_text(row, 'alpaca')}/{_diff_text(row, 'text')})" if row["condition"] != "baseline" else "")
+             + f"/{_refusal_text(row)}" for row in r.table.iter_rows(named=True)]
     skipped = "".join(f"; {c} skipped" for c in r.skipped)
     return f"CE Alpaca/WikiText-2 (nats) and over-refusal: {', '.join(parts)}{skipped}"
 

@@ -53,7 +53,7 @@ from extract.models import LoadedModel
 from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
 from analyze.settings import JudgedPromptSettings
-from analyze.metrics import rate_text
+from analyze.metrics import Paired, p_text, rate_ci, rate_text
 from analyze.text import fmt
 
 POOLS = ("candidates", "active")
@@ -75,9 +75,11 @@ class PruneSettings(JudgedPromptSettings):
     variant: str = "prose"               # prose: accepted blocks stay ablated; literal: the pseudocode as printed
     last_block: str = "test"             # a last block of fewer than N: test it, or skip it as printed
     ablate_first: bool = True            # zero-ablate at position 0 too (the sink the SAEs never saw; README)
+    magnitude_bins: int = 4              # the magnitude-matched control draws from the same quantile bin (4: quartiles)
 
     # added after prune ids were first made: hashed only when set, so prose/test runs keep their ids
-    _HASHED_WHEN_SET = JudgedPromptSettings._HASHED_WHEN_SET + ("variant", "last_block", "ablate_first")
+    _HASHED_WHEN_SET = JudgedPromptSettings._HASHED_WHEN_SET + ("variant", "last_block", "ablate_first",
+                                                                "magnitude_bins")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,6 +95,8 @@ class PruneSettings(JudgedPromptSettings):
             raise UsageError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.last_block not in LAST_BLOCKS:
             raise UsageError(f"last_block must be one of {', '.join(LAST_BLOCKS)}, got {self.last_block!r}")
+        if self.magnitude_bins < 1:
+            raise UsageError(f"magnitude_bins must be >= 1, got {self.magnitude_bins}")
 
 
 @dataclass
@@ -162,7 +166,8 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
     save_analysis(store, pid, "prune", model.name, cand["analysis_id"], judge.judge_id, settings, summary,
                   {"pruning_steps": ("prune_id", steps),
                    "feature_sets": ("set_id", _feature_rows(pid, prompts, sets, checks)),
-                   "set_checks": ("set_id", checks.with_columns(pl.lit(pid).alias("set_id")))})
+                   "set_checks": ("set_id", checks.with_columns(pl.lit(pid).alias("set_id"))),
+                   "paired_tests": ("analysis_id", paired_frame(pid, summary))})
     return PruneResult(pid, cand["analysis_id"], per_prompt, per_tau, summary)
 
 
@@ -278,17 +283,24 @@ def _active_features(store: Store, model: LoadedModel, prompts: list[Prompt],
 
 def _check(store, model, prompts: list[Prompt], sets: dict[tuple[int, float], frozenset[Feature]],
            active: list[set[Feature]], saes, judge: Judge, settings: PruneSettings, log: Log) -> pl.DataFrame:
-    """Each (prompt, tau) set ablated and judged; then a random control for each prompt's selected set."""
+    """Each (prompt, tau) set ablated and judged; then two random controls for each prompt's selected set:
+    as many active features per layer (random), and active features from the same activation quantiles
+    (random_magnitude)."""
     keys = sorted(sets)
     frame = _select(_judged(store, model, [prompts[i] for i, _ in keys], [sets[k] for k in keys], saes, judge,
                             settings, log).with_columns(pl.Series("tau", [t for _, t in keys], pl.Float64),
                                                    pl.lit("set").alias("kind")))
     chosen = [k for k, flag in zip(keys, frame["selected"]) if flag]
-    controls = [_random_like(sets[(i, tau)], active[i], settings.control_seed, i) for i, tau in chosen]
-    random = _judged(store, model, [prompts[i] for i, _ in chosen], controls, saes, judge, settings, log).with_columns(
-        pl.Series("tau", [t for _, t in chosen], pl.Float64), pl.lit("random").alias("kind"),
-        pl.lit(True).alias("selected"))
-    return pl.concat([frame, random.select(frame.columns)]).with_columns(pl.lit(2, pl.Int8).alias("stage"))
+    values = _activation_values(store, model, prompts, saes)
+    controls = {"random": [_random_like(sets[(i, tau)], active[i], settings.control_seed, i) for i, tau in chosen],
+                "random_magnitude": [_random_magnitude(sets[(i, tau)], values[i], settings.control_seed, i,
+                                                       settings.magnitude_bins) for i, tau in chosen]}
+    parts = [frame]
+    for kind, drawn in controls.items():
+        judged = _judged(store, model, [prompts[i] for i, _ in chosen], drawn, saes, judge, settings, log)
+        parts.append(judged.with_columns(pl.Series("tau", [t for _, t in chosen], pl.Float64),
+                                         pl.lit(kind).alias("kind"), pl.lit(True).alias("selected")).select(frame.columns))
+    return pl.concat(parts).with_columns(pl.lit(2, pl.Int8).alias("stage"))
 
 
 def _judged(store, model, prompts: list[Prompt], feature_sets: list[frozenset[Feature] | set[Feature]], saes,
@@ -326,8 +338,53 @@ def _random_like(chosen: frozenset[Feature], active: set[Feature], seed: int, pr
     return out
 
 
+def _activation_values(store: Store, model: LoadedModel, prompts: list[Prompt],
+                       saes: list[SaeRef]) -> list[dict[Feature, float]]:
+    """Per prompt, each latent active at some position of its clean run (the run `_active_features` reads) with
+    its largest activation there."""
+    result = extract(store, model, make_items(model, prompts), saes, ExtractSettings(positions="all"))
+    df = store.sql("SELECT t.item, a.layer, a.feature, max(a.value) AS value FROM sae_acts a JOIN tokens t "
+                   "USING (run_id, row) WHERE a.run_id = ? GROUP BY ALL", [result.run_id])
+    values: list[dict[Feature, float]] = [{} for _ in prompts]
+    for item, layer, feature, value in df.iter_rows():
+        values[item][(int(layer), int(feature))] = float(value)
+    return values
+
+
+def _random_magnitude(chosen: frozenset[Feature], values: dict[Feature, float], seed: int, prompt: int,
+                      n_bins: int) -> set[Feature]:
+    """Per active feature of `chosen`, a random other active feature of its layer from the same quantile bin of
+    the prompt's activation values there (the nearest non-empty bin when that one is used up).
+
+    A dormant member of `chosen` (zero on the prompt) is matched by nothing: its counterpart would be another
+    dormant feature, whose zero-ablation changes nothing."""
+    rng = np.random.default_rng([seed, prompt, 1])
+    out: set[Feature] = set()
+    for layer in sorted({f[0] for f in chosen}):
+        at_layer = {f: v for f, v in values.items() if f[0] == layer}
+        if not at_layer:
+            continue
+        edges = np.quantile(np.array(list(at_layer.values())), np.linspace(0, 1, n_bins + 1))[1:-1]
+        bin_of = lambda v: int(np.searchsorted(edges, v, side="right"))            # noqa: E731
+        pools: list[list[Feature]] = [[] for _ in range(n_bins)]
+        for f in sorted(at_layer):
+            if f not in chosen:
+                pools[bin_of(at_layer[f])].append(f)
+        for f in sorted(x for x in chosen if x in at_layer):
+            home = bin_of(at_layer[f])
+            for b in sorted(range(n_bins), key=lambda b: (abs(b - home), b)):
+                if pools[b]:
+                    out.add(pools[b].pop(int(rng.integers(len(pools[b])))))
+                    break
+    return out
+
+
+CONTROLS = ("random", "random_magnitude")   # set_checks kinds of the selected sets' random controls
+
+
 def _summaries(prompts, pools, sets, checks: pl.DataFrame):
-    """Per prompt (selected set and its control), per tau, and the paper's jailbreak table."""
+    """Per prompt (selected set and its controls), per tau, and the paper's jailbreak table with intervals,
+    set-size spread and paired tests of each set against its controls on the same prompts."""
     chosen = checks.filter((pl.col("kind") == "set") & pl.col("selected"))
     random = checks.filter(pl.col("kind") == "random").select(
         "prompt_id", pl.col("jailbroken").alias("random_jailbroken"), pl.col("n_features").alias("n_random"))
@@ -337,19 +394,51 @@ def _summaries(prompts, pools, sets, checks: pl.DataFrame):
                         on="prompt_id").join(random, on="prompt_id", how="left"))
     per_tau = (checks.filter(pl.col("kind") == "set").group_by("tau")
                .agg(pl.len().alias("n_prompts"), pl.col("jailbroken").sum().alias("n_jailbroken"),
-                    pl.col("n_features").mean().alias("mean_features")).sort("tau"))
+                    pl.col("n_features").mean().alias("mean_features"),
+                    pl.col("n_features").std().alias("std_features")).sort("tau"))
+    per_tau = per_tau.with_columns(
+        pl.Series("ci_low", [rate_ci(k, n)["ci_low"] for k, n in per_tau.select("n_jailbroken", "n_prompts").iter_rows()]),
+        pl.Series("ci_high", [rate_ci(k, n)["ci_high"] for k, n in per_tau.select("n_jailbroken", "n_prompts").iter_rows()]))
     index = {p.prompt_id: i for i, p in enumerate(prompts)}
     won = chosen.filter(pl.col("jailbroken"))
     features = {f for pid, tau in won.select("prompt_id", "tau").iter_rows() for f in sets[(index[pid], tau)]}
     per_layer: dict[str, int] = {}
     for layer, _ in sorted(features):
         per_layer[str(layer)] = per_layer.get(str(layer), 0) + 1
-    summary = {"n_prompts": len(prompts), "n_jailbroken": won.height,
+    n = len(prompts)
+    summary = {"n_prompts": n, "n_jailbroken": won.height, **rate_ci(won.height, n),
                "n_random_jailbroken": int(per_prompt["random_jailbroken"].sum()),
                "n_unique_features": len(features),
                "features_per_prompt": float(won["n_features"].mean()) if won.height else None,
-               "per_layer_unique": per_layer, "per_tau": per_tau.to_dicts()}
+               "set_sizes": _spread(won["n_features"]), "set_sizes_selected": _spread(chosen["n_features"]),
+               "per_layer_unique": per_layer, "per_tau": per_tau.to_dicts(), "controls": {}}
+    for kind in CONTROLS:
+        control = checks.filter(pl.col("kind") == kind)
+        if control.is_empty():
+            continue
+        pairs = chosen.select("prompt_id", "jailbroken").join(
+            control.select("prompt_id", pl.col("jailbroken").alias("control")), on="prompt_id")
+        k_jb = int(control["jailbroken"].sum())
+        summary["controls"][kind] = {"n_prompts": control.height, "n_jailbroken": k_jb,
+                                     **rate_ci(k_jb, control.height),
+                                     "mean_features": float(control["n_features"].mean()),
+                                     "paired": Paired.of(pairs["jailbroken"], pairs["control"]).as_dict()}
     return per_prompt, per_tau, summary
+
+
+def _spread(sizes: pl.Series) -> dict[str, float | int | None]:
+    """Mean, std (ddof 1), min, median and max of set sizes; None where there are too few sets."""
+    if sizes.is_empty():
+        return {"n": 0, "mean": None, "std": None, "min": None, "median": None, "max": None}
+    return {"n": sizes.len(), "mean": float(sizes.mean()), "std": float(sizes.std()) if sizes.len() > 1 else None,
+            "min": int(sizes.min()), "median": float(sizes.median()), "max": int(sizes.max())}
+
+
+def paired_frame(analysis_id_: str, summary: dict[str, Any]) -> pl.DataFrame:
+    """`paired_tests` rows of a prune summary: the selected sets (stage2) against each of their controls."""
+    tests = [("stage2", kind, 0, Paired(**{f: c["paired"][f] for f in ("n_both", "n_a_only", "n_b_only", "n_neither")}))
+             for kind, c in summary.get("controls", {}).items()]
+    return catalog.paired_tests_frame(analysis_id_, tests)
 
 
 def _feature_rows(pid: str, prompts: list[Prompt], sets, checks: pl.DataFrame) -> pl.DataFrame:
@@ -365,21 +454,37 @@ def _feature_rows(pid: str, prompts: list[Prompt], sets, checks: pl.DataFrame) -
 
 
 def summary_line(r: PruneResult) -> str:
-    """One line: prompts jailbroken by their minimal sets, set sizes, the random control, the work done."""
+    """One line: prompts jailbroken by their minimal sets, set sizes, the random controls with McNemar, the work."""
     m = r.summary
+    sizes = m.get("set_sizes") or {}
+    spread = ((f" ± {sizes['std']:.1f}" if sizes.get("std") is not None else "")
+              + (f" ({sizes['min']}..{sizes['max']})" if sizes.get("n") else ""))
+    controls = "; ".join(f"{_CONTROL_NAMES[kind]} {rate_text(c['n_jailbroken'], c['n_prompts'])}, "
+                         f"McNemar p = {p_text(c['paired']['p_value'])}" for kind, c in m.get("controls", {}).items())
     return (f"{m['n_jailbroken']}/{m['n_prompts']} prompts jailbroken by their minimal sets "
-            f"({rate_text(m['n_jailbroken'], m['n_prompts'])}; {fmt(m['features_per_prompt'], '.1f')} features per "
-            f"prompt, {m['n_unique_features']} unique); random active features of equal size "
-            f"{m['n_random_jailbroken']}/{m['n_prompts']} ({rate_text(m['n_random_jailbroken'], m['n_prompts'])}); "
+            f"({rate_text(m['n_jailbroken'], m['n_prompts'])}; {fmt(m['features_per_prompt'], '.1f')}{spread} features "
+            f"per prompt, {m['n_unique_features']} unique); {controls or 'no random control'}; "
             f"{m['n_steps']} lockstep steps, {m['n_evaluations']} evaluations in {m['n_forward_items']} forward rows, "
             f"{m['seconds_pruning']:.0f} s")
 
 
+_CONTROL_NAMES = {"random": "random active features of equal size",
+                  "random_magnitude": "magnitude-matched random"}
+
+
 def detail_lines(r: PruneResult) -> list[str]:
-    """Per tau: prompts jailbroken and mean set size; unique features per layer."""
+    """Per tau: ASR with its interval and set size (mean ± std); each control with its paired test; unique
+    features per layer."""
     m = r.summary
-    lines = [f"{'tau':>5} {'jailbroken':>10} {'features':>8}"]
+    lines = [f"{'tau':>5} {'jailbroken':<22} {'features':>12}"]
     for row in r.per_tau.iter_rows(named=True):
-        lines.append(f"{row['tau']:>5.1f} {row['n_jailbroken']:>6}/{row['n_prompts']:<3} {row['mean_features']:>8.1f}")
+        std = row.get("std_features")
+        lines.append(f"{row['tau']:>5.1f} {rate_text(row['n_jailbroken'], row['n_prompts']):<22} "
+                     f"{row['mean_features']:>6.1f}" + (f" ± {std:.1f}" if std is not None else ""))
+    for kind, c in m.get("controls", {}).items():
+        p = c["paired"]
+        table = Paired(p["n_both"], p["n_a_only"], p["n_b_only"], p["n_neither"])
+        lines.append(f"{_CONTROL_NAMES[kind]}: {rate_text(c['n_jailbroken'], c['n_prompts'])}, "
+                     f"{c['mean_features']:.1f} features; sets minus control {table.text()}")
     lines.append("unique features per layer " + (" ".join(f"{k}:{v}" for k, v in m["per_layer_unique"].items()) or "-"))
     return lines

@@ -52,6 +52,8 @@ from extract.saes import load_sae
 from store import Store, UsageError
 from store.store import code_version
 from analyze.settings import JudgedPromptSettings
+from analyze.metrics import wilson
+from analyze.text import share_text
 
 KINDS = ("clean", "set", "inactive", "active", "stage3")
 TABLES = ("redundancy_features", "redundancy_ablations", "redundancy_prompts", "redundancy_switch_on",
@@ -415,6 +417,7 @@ def _switch_metrics(features: pl.DataFrame, per_prompt: pl.DataFrame, switch_on:
         "n_switched_upstream": events.filter("upstream").select(_KEYS).n_unique() if events.height else 0,
         "n_events": events.height, "n_events_beyond_pos0": elsewhere.height,
         "role_shares": _role_shares(events), "role_shares_without_pos0": _role_shares(elsewhere),
+        "role_shares_ci": _role_share_cis(events), "role_shares_without_pos0_ci": _role_share_cis(elsewhere),
     }
 
 
@@ -431,6 +434,12 @@ def _clamp_metrics(clamped: pl.DataFrame, settings: RedundancySettings) -> dict[
 def _role_shares(events: pl.DataFrame) -> dict[str, float | None]:
     counts = dict(events.group_by("role").len().iter_rows()) if events.height else {}
     return {role: (counts.get(role, 0) / events.height if events.height else None) for role in ROLES}
+
+
+def _role_share_cis(events: pl.DataFrame) -> dict[str, list[float] | None]:
+    """Per role, the Wilson 95% interval [low, high] of its share of the events (None without events)."""
+    counts = dict(events.group_by("role").len().iter_rows()) if events.height else {}
+    return {role: (list(wilson(counts.get(role, 0), events.height)) if events.height else None) for role in ROLES}
 
 
 def _link_metrics(set_rows: pl.DataFrame, stage3_rows: pl.DataFrame, links: pl.DataFrame,
@@ -510,7 +519,8 @@ def summary(result: RedundancyResult) -> str:
     """Items 1-5 in a few lines, shares with and without position 0."""
     m, s = result.metrics, result.metrics["switch_on"]
     pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"                            # noqa: E731
-    roles = lambda shares: ", ".join(f"{r} {pct(v)}" for r, v in shares.items())      # noqa: E731
+    def roles(shares: dict[str, float | None], n: int | None = None) -> str:   # each share with its Wilson interval
+        return ", ".join(f"{r} {pct(v) if n is None else share_text(v, n)}" for r, v in shares.items())
     lines = [
         f"redundancy {result.analysis_id}: stage-2 sets {result.prune_id}, judge {result.judge}",
         f"1. dormant: {m['n_inactive']} of {m['n_features']} set features are zero at every position of their "
@@ -521,16 +531,16 @@ def summary(result: RedundancyResult) -> str:
         "(their dormant features are needed)",
         f"3. switch-on (kept prompts): {s['n_switched']} of {s['n_dormant']} dormant features fire when the rest of "
         f"the set is ablated ({s['n_switched_upstream']} below an ablated layer), {s['n_events']} (feature, position) events",
-        f"   by token role: {roles(s['role_shares'])}",
+        f"   by token role: {roles(s['role_shares'], s['n_events'])}",
         f"   without position 0: {s['n_switched_beyond_pos0']} features, {s['n_events_beyond_pos0']} events; "
-        f"{roles(s['role_shares_without_pos0'])}",
+        f"{roles(s['role_shares_without_pos0'], s['n_events_beyond_pos0'])}",
         "   (position 0 carries massive activations on the default model and project SAEs are trained without "
         "it: compare the two lines)",
     ]
     a = m["switch_on_all"]
     if s["n_events"] == 0 and a["n_events"]:               # what the clamping then falls back to
         lines.append(f"   all prompts: {a['n_switched']} of {a['n_dormant']} dormant features fire, "
-                     f"{a['n_events']} events; by token role: {roles(a['role_shares'])}; without position 0: "
+                     f"{a['n_events']} events; by token role: {roles(a['role_shares'], a['n_events'])}; without position 0: "
                      f"{a['n_events_beyond_pos0']} events")
     c = m["clamping"]
     refused = ", ".join(f"{v} {n}/{c['n_prompts']}" for v, n in c.get("n_refused", {}).items())

@@ -130,7 +130,7 @@ def test_store_is_the_cache(stage2, result):
     assert store.sql("SELECT count(*) AS n FROM runs")["n"][0] == n_runs
     assert again.controls_id == result.controls_id and again.asr.equals(result.asr)
     assert store.sql("SELECT count(*) AS n FROM control_results WHERE controls_id = ?",
-                     [result.controls_id])["n"][0] == (len(KS) + 1) * 4
+                     [result.controls_id])["n"][0] == (len(KS) + 2) * 4      # clean, each k, obrien_size
     fewer = controls.run(store, model, ControlsSettings(ks=(1, 64), max_prompts=2))
     assert fewer.activation_run_id == result.activation_run_id and fewer.summary["n_prompts"] == 2
     assert [r["asr"] for r in fewer.summary["per_k"]] == [1.0, 0.0]
@@ -145,7 +145,7 @@ def test_report_section(stage2, result, tmp_path):
 
 
 def test_settings_round_trip_and_validation():
-    s = ControlsSettings(ks=(2, 4), roles=("user",), max_prompts=3, judge="p_i@0.3", generate=16)
+    s = ControlsSettings(ks=(2, 4), roles=("user",), max_prompts=3, judge="p_i@0.3", generate=16, population="stage2")
     assert ControlsSettings.from_dict(json.loads(json.dumps(asdict(s)))) == s
     assert ControlsSettings.from_dict(asdict(ControlsSettings())) == ControlsSettings()
     for bad in ({"ks": ()}, {"ks": (0, 1)}, {"ks": (3, 2)}, {"roles": ("assistant",)}, {"judge": "vibes"},
@@ -172,7 +172,53 @@ def test_cli(planted, stage2, tmp_path):
                               "--store", str(stage2[0].path)])
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    assert "4 stage-2 prompts, 4 refused without intervention" in lines[1]
-    assert lines[4].split()[0] == "1" and lines[4].split()[2:] == ["1.00", "(4/4)"]
-    assert lines[5].split()[0] == "64" and lines[5].split()[1:] == ["0.0", "0.00", "(0/4)"]
-    assert lines[7].startswith("random control (as many active features): ASR 0.00 (0/4)")
+    assert "4 evaluation prompts, 4 refused without intervention" in lines[1]
+    assert lines[4].split()[0] == "1" and lines[4].split()[2:] == ["1.00", "100%", "[51%,", "100%]", "(4/4)"]
+    assert lines[5].split()[0] == "64" and lines[5].split()[1:] == ["0.0", "0.00", "0%", "[0%,", "49%]", "(0/4)"]
+    random = next(line for line in lines if line.startswith("random control (as many active features)"))
+    assert random.startswith("random control (as many active features): ASR 0.00 0% [0%, 49%] (0/4)")
+    assert random.endswith("stage 2 minus this +100 pp [+31, +100], McNemar p = 0.12 (4 vs 0 discordant of 4)")
+
+
+def test_obrien_at_the_stage2_size_and_paired_tests(stage2, result):
+    store, _, pruned, _ = stage2
+    sizes = store.sql("SELECT prompt_id, count(*) AS n FROM feature_sets WHERE set_id = ? AND stage = 2 AND selected "
+                      "GROUP BY prompt_id", [pruned.prune_id])
+    rows = store.sql("SELECT * FROM control_results WHERE controls_id = ? AND kind = 'obrien_size'", [result.controls_id])
+    assert dict(rows.select("prompt_id", "n_features").iter_rows()) == dict(sizes.iter_rows())
+    counts = dense_token_counts(store, result.activation_run_id, PROMPT_ROLES)
+    for prompt_id, item, run_id in rows.select("prompt_id", "item", "run_id").iter_rows():
+        ablated = ablated_sets(store, run_id)[item]
+        c = counts[prompt_id]
+        # every ablated feature is counted on at least as many tokens as every feature left out
+        lowest = min(int(c[SAE_LAYERS.index(l), f]) for l, f in ablated)
+        left = [int(c[i, f]) for i, l in enumerate(SAE_LAYERS) for f in range(D_SAE) if (l, f) not in ablated]
+        assert lowest >= max(left) and {(PLANTED_LAYER, f) for f in PLANTED_FEATURES} <= ablated
+    asr = store.sql("SELECT * FROM control_asr WHERE controls_id = ? AND kind = 'obrien_size'", [result.controls_id])
+    assert asr["n_jailbroken"].to_list() == [4] and asr["ci_low"][0] == pytest.approx(0.5101, abs=1e-4)
+    tests = store.sql("SELECT * FROM paired_tests WHERE analysis_id = ? ORDER BY b", [result.controls_id])
+    assert tests["b"].to_list() == ["obrien_size", "random", "random_magnitude"]
+    # the stage-2 sets and the size-matched O'Brien sets both hold the planted latents: no discordant prompt
+    assert tests.row(0, named=True) | {} == {**tests.row(0, named=True), "n_both": 4, "n_a_only": 0, "p_value": 1.0}
+    assert tests["n_a_only"].to_list()[1:] == [4, 4] and tests["p_value"].to_list()[1:] == pytest.approx([0.125] * 2)
+    assert result.summary["matched_k"]["k"] in KS
+
+
+def test_obrien_runs_on_the_refused_population_not_only_what_stage1_broke(stage2):
+    store, model, _, _ = stage2
+    two = prune.run(store, model, PruneSettings(judge="p_i", taus=(0.5,), seeds=(0,), max_prompts=2))
+    refused = controls.run(store, model, ControlsSettings(ks=(1, 64), prune_id=two.prune_id))
+    narrow = controls.run(store, model, ControlsSettings(ks=(1, 64), prune_id=two.prune_id, population="stage2"))
+    candidates = store.sql("SELECT DISTINCT prompt_id FROM candidate_sets WHERE candidates_id = ? AND k = 0",
+                           [two.candidates_id])["prompt_id"]
+    clean = refused.results.filter(pl.col("kind") == "clean")
+    assert sorted(clean["prompt_id"]) == sorted(candidates) and len(candidates) == 4
+    assert refused.summary["n_refused"] == 4 and refused.summary["n_stage2_prompts"] == 2
+    assert [r["n_prompts"] for r in refused.summary["per_k"]] == [4, 4]
+    assert [r["n_jailbroken"] for r in refused.summary["per_k"]] == [4, 0]
+    assert narrow.summary["n_refused"] == 2 and [r["n_prompts"] for r in narrow.summary["per_k"]] == [2, 2]
+    assert refused.controls_id != narrow.controls_id
+    # the size-matched O'Brien sets exist only where there is a stage-2 set to match
+    assert refused.results.filter(pl.col("kind") == "obrien_size").height == 2
+    with pytest.raises(UsageError, match="population must be one of refused, stage2"):
+        ControlsSettings(population="all")

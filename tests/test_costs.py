@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from analyze import costs
 from analyze.costs import CostsSettings
 from analyze.judges import Verdict
+from analyze.metrics import wilson
 from extract.chat import render_chat
 from extract.hooks import intervened
 from extract.interventions import Intervention
@@ -114,6 +115,24 @@ def test_direction_and_feature_ablation_and_over_refusal(tmp_path, tiny_model_di
     assert sum(r["n_xstest"] for r in per_set.values()) == 9                  # prompt j gets set j mod 3
     judged = store.sql("SELECT count(*) AS n FROM judgements WHERE judge = 'even:1'")["n"][0]
     assert judged == 9 * 3                                                     # one xstest run per condition
+
+    # the difference to baseline on the same prompts, with its paired bootstrap interval (issue 15)
+    for corpus in ("alpaca", "text"):
+        assert table["baseline"][f"ce_{corpus}_diff"] == 0.0
+        for name in ("direction_ablation", "feature_ablation"):
+            row = table[name]
+            assert row[f"ce_{corpus}_diff"] == pytest.approx(row[f"ce_{corpus}"] - table["baseline"][f"ce_{corpus}"],
+                                                             abs=1e-6)         # float32 items vs a float64 sum
+            assert row[f"ce_{corpus}_diff_low"] <= row[f"ce_{corpus}_diff"] <= row[f"ce_{corpus}_diff_high"]
+    assert table["feature_ablation"]["ce_text_diff_high"] > table["feature_ablation"]["ce_text_diff_low"]
+    k = round(even * 9)
+    assert (table["baseline"]["over_refusal_ci_low"], table["baseline"]["over_refusal_ci_high"]) == \
+        pytest.approx(wilson(k, 9))
+    stored = store.sql("SELECT condition, ce_text_diff, over_refusal_ci_high FROM costs WHERE costs_id = ? AND "
+                       "set_prompt_id IS NULL ORDER BY condition", [result.costs_id])
+    assert stored["ce_text_diff"].to_list() == pytest.approx(
+        [table[c]["ce_text_diff"] for c in ("baseline", "direction_ablation", "feature_ablation")])
+    assert "Δ text" in costs.costs_table(result).columns and "] (" in costs.summary_line(result)
 
 
 def test_missing_direction_and_sets_are_skipped_with_the_command_to_run(tmp_path, tiny_model_dirs):

@@ -23,8 +23,10 @@ from extract.run import ExtractSettings, SaeRef, extract, make_items
 from extract.saes import load_sae
 from store import Store, UsageError
 from tests.tiny_saes import build_tiny_sae
+from analyze.metrics import wilson
 
 A, B, C, D = 0, 1, 2, 3                                    # planted columns
+DEAD = 7                                                   # a layer-0 latent of `tiny_saes` that never fires
 
 
 def planted(n: int = 2000, n_noise: int = 300, per_row: int = 10, seed: int = 0) -> FmData:
@@ -68,7 +70,8 @@ def planted_fit(planted_data):
     FmSettings(), FmSettings(embedding=5, epochs=3, lr=0.01, device="cpu"),
     ProbeSettings(), ProbeSettings(Cs=(0.5, 2.0)),
     Stage3Settings(), Stage3Settings(layers=(2, 3, 4), fm=FmSettings(embedding=50), probe=ProbeSettings(Cs=(1.0,)),
-                                     ks=(10, 20), probe_ks=(10,), aggregate="mean", judge="p_i@0.3", generate=0),
+                                     ks=(10, 20), probe_ks=(10,), aggregate="mean", judge="p_i@0.3", generate=0,
+                                     stage2_set="full"),
 ])
 def test_settings_round_trip(settings):
     cls = type(settings)
@@ -171,12 +174,17 @@ def tiny(tiny_model_dirs):
 
 @pytest.fixture(scope="module")
 def tiny_saes(tiny, tmp_path_factory):
-    """JumpReLU SAEs at layers 0 and 1 whose thresholds suit the tiny model's residuals (std ~0.02)."""
+    """JumpReLU SAEs at layers 0 and 1 whose thresholds suit the tiny model's residuals (std ~0.02); latent
+    DEAD of the layer-0 SAE never fires (threshold 1e6): a dormant feature to plant in a stage-2 set."""
+    from safetensors.torch import load_file, save_file
+
     root = tmp_path_factory.mktemp("fm-saes")
-    return [SaeRef(layer, str(path), load_sae(str(path)))
-            for layer in (0, 1)
-            for path in [build_tiny_sae("jumprelu", tiny.d_model, 4 * tiny.d_model, root / f"l{layer}", seed=layer,
-                                          scale=0.02)]]
+    paths = [build_tiny_sae("jumprelu", tiny.d_model, 4 * tiny.d_model, root / f"l{layer}", seed=layer, scale=0.02)
+             for layer in (0, 1)]
+    weights = load_file(paths[0] / "sae_weights.safetensors")
+    weights["threshold"][DEAD] = 1e6
+    save_file(weights, paths[0] / "sae_weights.safetensors")
+    return [SaeRef(layer, str(path), load_sae(str(path))) for layer, path in zip((0, 1), paths)]
 
 
 def tiny_prompts() -> list[Prompt]:
@@ -241,6 +249,8 @@ def test_stage3_fits_caches_and_sweeps(tmp_path, tiny, tiny_saes):
     settings = Stage3Settings(layers=(0, 1), limit=10, saes=saes, fm=FmSettings(epochs=3, device="cpu"),
                               diagnostic_embeddings=(5, 20), ks=(1, 3), probe_ks=(2,), generate=3, batch_size=8)
     harmful = [p for p in load_prompts("advbench", 10) if p.split == "train"][:2]
+    # the clean run of the swept prompts at every position (the sweep's own, made first so the FM reads it)
+    clean = extract(store, tiny, make_items(tiny, harmful), list(tiny_saes), ExtractSettings(positions="all"))
     ensure = stage3.run(store, tiny, Stage3Settings.from_dict({**asdict(settings), "sweep": False}))
     models = store.sql("SELECT kind, embedding FROM fm_models ORDER BY kind, embedding")
     assert models.rows() == [("fm", 5), ("fm", 20), ("probe", None)]
@@ -251,25 +261,43 @@ def test_stage3_fits_caches_and_sweeps(tmp_path, tiny, tiny_saes):
     # stage-2 sets made of latents active on each prompt (which ones fire is up to the random SAE)
     stage2 = {harmful[0].prompt_id: ((int(data.layer[row0[0]]), int(data.feature[row0[0]])),),
               harmful[1].prompt_id: tuple((int(data.layer[c]), int(data.feature[c])) for c in row1[:2])}
+    # plant a dormant member: the dead layer-0 latent, zero at every position of prompt 0's clean run
+    fired = set(store.sql("SELECT DISTINCT a.layer, a.feature FROM sae_acts a JOIN tokens t USING (run_id, row) "
+                          "WHERE a.run_id = ? AND t.prompt_id = ?", [clean.run_id, harmful[0].prompt_id]).iter_rows())
+    dormant = (0, DEAD)
+    assert dormant not in fired and len(fired) > 10
+    stage2[harmful[0].prompt_id] += (dormant,)
 
     result = stage3.run(store, tiny, settings, stage2=stage2)
     assert result.fm_model_id == ensure.fm_model_id                  # fitted once, loaded the second time
     assert store.sql("SELECT count(*) AS n FROM fm_models")["n"][0] == 3
     assert result.n_swept == 2 and result.judge.startswith("rubric:")
-    assert result.asr.select("ranker", "k").rows() == [("stage2", 0), ("fm", 1), ("fm", 3), ("probe", 2)]
+    rows = result.asr.select("ranker", "k").rows()
+    assert rows[:4] == [("stage2", 0), ("fm", 1), ("fm", 3), ("probe", 2)]
+    assert rows[4:] == ([("stage3_alone", 0)] if result.n_stage3_sets else [])
     assert stage3.asr_table(result.asr).columns == ["k", "stage2", "fm", "probe"]
+    assert result.asr["ci_low"].to_list() == pytest.approx(
+        [wilson(k, n)[0] for k, n in result.asr.select("n_jailbroken", "n_prompts").iter_rows()])
 
     out = store.sql("SELECT o.ranker, o.k, o.prompt_id, o.n_ablated, s.spec FROM stage3_outcomes o "
                     "JOIN items i USING (run_id, item) JOIN interventions s ON s.spec_hash = i.spec_hash "
                     "WHERE o.sweep_id = ? ORDER BY o.ranker, o.k, o.prompt_id", [result.sweep_id])
     ranked = store.sql("SELECT ranker, prompt_id, rank, layer, feature FROM stage3_rankings WHERE sweep_id = ? "
                        "ORDER BY ranker, prompt_id, rank", [result.sweep_id])
-    for ranker, k, pid, n_ablated, spec in out.iter_rows():
+    for ranker, k, pid, n_ablated, spec in out.filter(pl.col("ranker") != "stage3_alone").iter_rows():
         ablated = {(int(l), f) for l, fs in json.loads(spec)["zero_ablate"].items() for f in fs}
         top = ranked.filter((pl.col("ranker") == ranker) & (pl.col("prompt_id") == pid) & (pl.col("rank") <= k))
-        expected = set(stage2[pid]) | set(top.select("layer", "feature").rows())
-        assert ablated == expected and n_ablated == len(expected)
+        # the paper's set: the active stage-2 features (the planted dormant one left out) + the top-K
+        expected = (set(stage2[pid]) - {dormant}) | set(top.select("layer", "feature").rows())
+        assert ablated == expected and n_ablated == len(expected) and dormant not in ablated
         assert not set(top.select("layer", "feature").rows()) & set(stage2[pid])
+    assert {(r[0], r[1]) for r in out.iter_rows()} >= {("stage2", 0), ("fm", 1), ("fm", 3), ("probe", 2)}
+    full = stage3.run(store, tiny, Stage3Settings.from_dict({**asdict(settings), "judge": "p_i@0.99", "generate": 0,
+                                                             "stage2_set": "full"}), stage2=stage2)
+    base = store.sql("SELECT s.spec FROM stage3_outcomes o JOIN items i USING (run_id, item) JOIN interventions s "
+                     "ON s.spec_hash = i.spec_hash WHERE o.sweep_id = ? AND o.ranker = 'stage2' AND o.prompt_id = ?",
+                     [full.sweep_id, harmful[0].prompt_id])["spec"][0]
+    assert {(int(l), f) for l, fs in json.loads(base)["zero_ablate"].items() for f in fs} == set(stage2[harmful[0].prompt_id])
     assert store.sql("SELECT kind, parent_id FROM analyses WHERE analysis_id = ?", [result.sweep_id]).rows() == \
         [("stage3", None)]
     n_judged = store.sql("SELECT count(*) AS n FROM judgements j JOIN stage3_outcomes o USING (run_id, item) "
@@ -284,6 +312,20 @@ def test_stage3_fits_caches_and_sweeps(tmp_path, tiny, tiny_saes):
                      "ORDER BY prompt_id", [lax.sweep_id])
     top1 = ranked.filter((pl.col("ranker") == "fm") & (pl.col("rank") == 1)).sort("prompt_id")
     assert sets.rows() == top1.select("prompt_id", "layer", "feature").rows() and lax.n_stage3_sets == 2
+    # each stage-3 set is then ablated alone, without the stage-2 set
+    alone = store.sql("SELECT o.prompt_id, s.spec FROM stage3_outcomes o JOIN items i USING (run_id, item) "
+                      "JOIN interventions s ON s.spec_hash = i.spec_hash WHERE o.sweep_id = ? AND "
+                      "o.ranker = 'stage3_alone' ORDER BY o.prompt_id", [lax.sweep_id])
+    assert [(p, {(int(l), f) for l, fs in json.loads(spec)["zero_ablate"].items() for f in fs})
+            for p, spec in alone.iter_rows()] == [(p, {(l, f)}) for p, l, f in sets.rows()]
+    assert lax.asr.filter(pl.col("ranker") == "stage3_alone").select("k", "n_prompts").rows() == [(0, 2)]
+    # FM against probe at the only K both ran (K = 2 is the probe's only K; the FM ran 1 and 3): none
+    assert lax.paired == ()
+    paired = stage3.run(store, tiny, Stage3Settings.from_dict({**asdict(settings), "judge": "p_i@0.99",
+                                                               "generate": 0, "probe_ks": None}), stage2=stage2)
+    assert [k for k, _ in paired.paired] == [1, 3] and all(t.n == 2 for _, t in paired.paired)
+    stored = store.sql("SELECT a, b, k, n_pairs FROM paired_tests WHERE analysis_id = ? ORDER BY k", [paired.sweep_id])
+    assert stored.rows() == [("fm", "probe", 1, 2), ("fm", "probe", 3, 2)]
     png = plots.stage3_asr_plot(result.asr, tmp_path / "asr.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 

@@ -1,5 +1,6 @@
 """Stage 2 (Algorithm 1) on the planted model: exactly the planted latents, bookkeeping that adds up."""
 
+import json
 from dataclasses import asdict
 
 import numpy as np
@@ -11,7 +12,7 @@ from analyze import prune
 from analyze.common import ablation, evaluate, load_saes, stored_prompts
 from analyze.prune import PruneSettings
 from cli import app
-from extract.run import ExtractSettings
+from extract.run import ExtractSettings, extract, make_items
 from store import Store, UsageError
 from tests.planted import PLANTED_FEATURES, PLANTED_LAYER
 
@@ -56,6 +57,39 @@ def test_single_feature_blocks_keep_exactly_the_planted_latents_under_every_seed
     assert len(sets) == 4 * 8 and all(s == PLANTED for s in sets.values())
     assert result.summary["n_jailbroken"] == 4 and result.summary["n_random_jailbroken"] == 0
     assert result.summary["n_unique_features"] == 3 and result.summary["per_layer_unique"] == {"2": 3}
+    assert result.summary["set_sizes"] == {"n": 4, "mean": 3.0, "std": 0.0, "min": 3, "median": 3.0, "max": 3}
+    assert (result.summary["ci_low"], result.summary["ci_high"]) == pytest.approx((0.5101, 1.0), abs=1e-4)
+
+
+def test_magnitude_matched_control_draws_from_the_same_activation_quantiles(planted, stage1):
+    store, model = stage1
+    settings = PruneSettings(block_size=1, judge="p_i")
+    result = prune.run(store, model, settings)                   # the store holds it: a cache hit
+    checks = store.sql("SELECT * FROM set_checks WHERE set_id = ? AND selected", [result.prune_id])
+    prompts = stored_prompts(store, sorted(checks["prompt_id"].unique()))
+    clean_run = extract(store, model, make_items(model, prompts), [s for s in load_saes(store, model, planted.sae_specs) if s.layer in (2, 3)],
+                        ExtractSettings(positions="all")).run_id               # prune's clean run: a store hit
+    clean = store.sql("SELECT t.prompt_id, a.layer, a.feature, max(a.value) AS value FROM sae_acts a JOIN tokens t "
+                      "USING (run_id, row) WHERE a.run_id = ? GROUP BY ALL", [clean_run])
+    for prompt_id in checks["prompt_id"].unique():
+        mine = checks.filter((pl.col("prompt_id") == prompt_id) & (pl.col("kind") == "random_magnitude"))
+        spec = store.sql("SELECT spec FROM items JOIN interventions USING (spec_hash) WHERE run_id = ? AND item = ?",
+                         [mine["run_id"][0], int(mine["item"][0])])["spec"][0]
+        drawn = {(2, f) for f in json.loads(spec)["zero_ablate"].get("2", [])}
+        values = {(l, f): v for p, l, f, v in clean.iter_rows() if p == prompt_id and l == PLANTED_LAYER}
+        assert len(drawn) == 3 and not drawn & PLANTED and drawn <= set(values)
+        edges = np.quantile(list(values.values()), [0.25, 0.5, 0.75])          # quartiles of the layer's values
+        planted_bins = sorted(int(np.searchsorted(edges, values[f], side="right")) for f in PLANTED)
+        drawn_bins = sorted(int(np.searchsorted(edges, values[f], side="right")) for f in drawn)
+        n_top = sum(1 for f in values if np.searchsorted(edges, values[f], side="right") == planted_bins[-1])
+        if n_top - 3 >= 3:                                          # enough others in the planted latents' quartile
+            assert drawn_bins == planted_bins, prompt_id
+    control = result.summary["controls"]["random_magnitude"]
+    assert control["n_prompts"] == 4 and control["n_jailbroken"] == 0
+    assert control["paired"]["n_a_only"] == 4 and control["paired"]["p_value"] == pytest.approx(2 / 16)
+    tests = store.sql("SELECT * FROM paired_tests WHERE analysis_id = ? ORDER BY b", [result.prune_id])
+    assert tests["b"].to_list() == ["random", "random_magnitude"] and tests["n_a_only"].to_list() == [4, 4]
+    assert tests["p_value"].to_list() == pytest.approx([0.125, 0.125])
 
 
 def test_blocks_of_five_keep_only_blocks_holding_a_planted_latent(stage1, pruned):
@@ -131,9 +165,11 @@ def test_minimal_sets_jailbreak_and_random_controls_do_not(stage1, pruned):
 
 
 def test_settings_round_trip_and_validation():
-    s = PruneSettings(taus=(0.2, 0.4), seeds=(3,), max_prompts=2, pool="active")
+    s = PruneSettings(taus=(0.2, 0.4), seeds=(3,), max_prompts=2, pool="active", magnitude_bins=10)
     assert PruneSettings.from_dict(asdict(s)) == s
-    for bad in ({"block_size": 0}, {"pool": "all"}, {"seeds": (1, 1)}, {"taus": ()}):
+    # added later: hashed only when set, so existing prune ids stay
+    assert "magnitude_bins" not in PruneSettings().hashed() and PruneSettings(magnitude_bins=10).hashed()["magnitude_bins"] == 10
+    for bad in ({"block_size": 0}, {"pool": "all"}, {"seeds": (1, 1)}, {"taus": ()}, {"magnitude_bins": 0}):
         with pytest.raises(UsageError):
             PruneSettings(**bad)
 
@@ -157,4 +193,4 @@ def test_cli_runs_the_three_stages(planted, stage1, tmp_path):
     res = runner.invoke(app, ["analyze", "prune", "--taus", "0.5", "--seeds", "0,1", *common])
     assert res.exit_code == 0, res.output
     assert "4/4 prompts jailbroken by their minimal sets" in res.stdout
-    assert "random active features of equal size 0/4" in res.stdout
+    assert "random active features of equal size 0% [0%, 49%] (0/4), McNemar p = 0.12" in res.stdout

@@ -129,6 +129,8 @@ def test_backup_switches_on_at_the_first_token(result):
     assert stored.row(0) == (3, "first")
     sw = res.metrics["switch_on"]
     assert sw["role_shares"]["first"] == 1.0 and sw["n_switched_beyond_pos0"] == 0
+    assert sw["role_shares_ci"]["first"] == pytest.approx([3 / (3 + 1.959963984540054 ** 2), 1.0])   # Wilson, k = n = 3
+    assert sw["role_shares_ci"]["template"] == pytest.approx([0.0, 1 - 3 / (3 + 1.959963984540054 ** 2)])
     assert (sw["n_switched"], sw["n_dormant"]) == (3, 6)
 
 
@@ -184,7 +186,7 @@ def test_rerun_finds_everything_and_summary(result, model):
     n = store.sql("SELECT count(*) FROM redundancy_analyses").item()
     assert n == 1
     text = redundancy.summary(res)
-    assert "by token role: first 100%, template 0%" in text and "without position 0: 0 features" in text
+    assert "by token role: first 100% [44%, 100%] (3/3), template 0% [0%, 56%] (0/3)" in text and "without position 0: 0 features" in text
     assert "5. stage-3 only: reproduces 0 of 3 stage-2 jailbreaks" in text
 
 

@@ -40,7 +40,7 @@ def fill_analysis_tables(store: Store) -> None:
                     f"'{{}}', '{{}}', 'models/fm1.safetensors', {NOW}, 't')")
         for ranker in ("fm", "probe"):
             for k in (100, 200):
-                con.execute("INSERT INTO stage3_asr VALUES ('sw1', ?, ?, 10, ?, ?, 'r')", [ranker, k, k // 50, k / 500])
+                con.execute("INSERT INTO stage3_asr (sweep_id, ranker, k, n_prompts, n_jailbroken, asr, run_id) VALUES ('sw1', ?, ?, 10, ?, ?, 'r')", [ranker, k, k // 50, k / 500])
         for cond, ce in (("baseline", 1.0), ("direction_ablation", 1.1), ("feature_ablation", 1.3)):
             con.execute(f"INSERT INTO costs (costs_id, model, condition, n_sets, ce_alpaca, ce_alpaca_std, ce_text, "
                         f"over_refusal, n_xstest, judge, settings, created_at, code_version) "

@@ -47,14 +47,18 @@ def rank_by_probe(coef: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray,
 @dataclass(frozen=True)
 class _Plan:
     prompt: Prompt
-    stage2: tuple[Feature, ...]
+    stage2: tuple[Feature, ...]                            # the whole stage-2 set: the FM's seeds come from it
     ranked: dict[str, tuple[np.ndarray, np.ndarray]]       # ranker -> (columns, scores), best first
+    base: tuple[Feature, ...] = ()                         # what of it is ablated under the top-K (active or all)
 
 
 def _plans(data: FmData, prompts: Sequence[Prompt], stage2: Mapping[str, Sequence[Feature]], V: torch.Tensor,
-           coef: np.ndarray, settings: Stage3Settings) -> list[_Plan]:
+           coef: np.ndarray, settings: Stage3Settings,
+           active: Mapping[str, Sequence[Feature]] | None = None) -> list[_Plan]:
+    """Per prompt with a stage-2 latent among the FM columns: its rankings, and the stage-2 part ablated under
+    the top-K (`active[prompt]` when given, else the whole set)."""
     row_of = {p: i for i, p in enumerate(data.prompt_ids)}
-    depth = max((*settings.ks, *settings.probe_ks), default=0)
+    depth = max((*settings.ks, *settings.probe_k_values), default=0)
     plans = []
     for prompt in prompts:
         layers, feats = zip(*stage2[prompt.prompt_id])
@@ -68,8 +72,10 @@ def _plans(data: FmData, prompts: Sequence[Prompt], stage2: Mapping[str, Sequenc
         pool = np.setdiff1d(pool, seeds)
         fm_cols, fm_scores = rank_by_fm(V, seeds, pool, settings.aggregate)
         pr_cols, pr_scores = rank_by_probe(coef, pool)
-        plans.append(_Plan(prompt, tuple(stage2[prompt.prompt_id]),
-                           {"fm": (fm_cols[:depth], fm_scores[:depth]), "probe": (pr_cols[:depth], pr_scores[:depth])}))
+        full = tuple(stage2[prompt.prompt_id])
+        plans.append(_Plan(prompt, full,
+                           {"fm": (fm_cols[:depth], fm_scores[:depth]), "probe": (pr_cols[:depth], pr_scores[:depth])},
+                           full if active is None else tuple(active[prompt.prompt_id])))
     return plans
 
 

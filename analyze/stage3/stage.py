@@ -4,16 +4,22 @@
    2..l*, split as recorded in `prompts` (stage3/data.py); missing activations are extracted.
 2. A factorization machine (stage3/fm.py) and a logistic-regression probe (stage3/probe.py) on
    the same max-abs-scaled rows; FMs at the diagnostic embedding sizes too (mean pairwise cosine).
-3. Ranking, per prompt with a stage-2 set S: the candidates are the latents active on that prompt
+3. Ranking, per prompt with a stage-2 set S (the FM seeds are all of S): the candidates are the latents active on that prompt
    (in the FM's layers and positions), minus S. FM score = MAX over s in S of cos(v_candidate, v_s):
    a latent that interacts strongly with any one member of the minimal set is a candidate, where
    the mean would let a large S dilute it (`aggregate="mean"` is available). Stage-2 latents that
    are not FM columns (never active in training) cannot be compared and are skipped; a prompt none
    of whose stage-2 latents is a column is left out of the sweep and counted. The probe ranks the
    same candidates by |weight|.
-4. Sweep: for each K, one extraction run that zero-ablates S + top-K on every swept prompt, with a
-   greedy completion; each prompt is judged; ASR(K) = share judged jailbroken. K = 0 (S alone) is
-   the reference. A prompt's stage-3 set is its FM top-K at the smallest K that jailbreaks it.
+4. Sweep: for each K, one extraction run that zero-ablates S' + top-K on every swept prompt, with a
+   greedy completion; each prompt is judged; ASR(K) = share judged jailbroken. S' is the paper's set
+   by default (`stage2_set = "active"`): the members of S active at some position of the prompt's clean
+   run; the paper removes the redundant (dormant) stage-2 features before adding the FM's top-K ("372
+   jailbroken by ablating active features"). `stage2_set = "full"` ablates all of S (the default before
+   issue 15). K = 0 (S' alone) is the reference. A prompt's stage-3 set is its FM top-K at the smallest K
+   that jailbreaks it; it is then ablated alone (ranker `stage3_alone`: the paper's 330 of 372). The
+   probe runs at the same Ks as the FM unless `probe_ks` is given, and at every K both ran the two are
+   compared on the same prompts (McNemar's exact test, Newcombe's paired interval: `paired_tests`).
 
 Judging: analyze/judges.py, the stages' default judge (`rubric`: the content rules plus a fitted test
 for degenerate output; see `cli.py judge eval`); jailbroken = compliance. Verdicts are stored in `judgements`. `p_i@T` judges on P("I")
@@ -53,6 +59,7 @@ from extract.run import ExtractSettings, SaeRef, extract, make_items
 from store import Store, UsageError
 
 CANDIDATES = ("active", "all")
+STAGE2_SETS = ("active", "full")
 
 
 @dataclass(frozen=True)
@@ -72,9 +79,17 @@ class Stage3Settings(JudgedPromptSettings):
     diagnostic_embeddings: tuple[int, ...] = (5, 20, 50)
     sweep: bool = True                    # False: fit, compare and diagnose only (no stage-2 sets needed)
     ks: tuple[int, ...] = tuple(range(100, 2001, 100))
-    probe_ks: tuple[int, ...] = (100, 500, 1000, 2000)
+    probe_ks: tuple[int, ...] | None = None   # None: the FM's ks, so FM and probe are paired at every K
     aggregate: str = "max"                # FM score over the stage-2 set: max | mean of cosines
     candidates: str = "active"            # active: latents active on the prompt; all: every FM column
+    # what of the stage-2 set is ablated under the top-K: active (the paper: its dormant, redundant features
+    # removed first, "jailbroken by ablating active features"), or full (dormant ones too: the old default)
+    stage2_set: str = "active"
+
+    @property
+    def probe_k_values(self) -> tuple[int, ...]:
+        """The probe's Ks: probe_ks, or the FM's when None."""
+        return self.ks if self.probe_ks is None else self.probe_ks
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,11 +101,12 @@ class Stage3Settings(JudgedPromptSettings):
             raise UsageError(f"min_layer must be >= 0, got {self.min_layer}")
         _check_ints(self.diagnostic_embeddings, "diagnostic embeddings", low=1)
         _check_ints(self.ks, "ks", low=1)
-        _check_ints(self.probe_ks, "probe ks", low=1)
+        _check_ints(self.probe_k_values, "probe ks", low=1)
         if self.sweep and not self.ks:
             raise UsageError("the sweep needs at least one K")
         for name, value, allowed in (("aggregate", self.aggregate, AGGREGATES),
-                                     ("candidates", self.candidates, CANDIDATES)):
+                                     ("candidates", self.candidates, CANDIDATES),
+                                     ("stage2_set", self.stage2_set, STAGE2_SETS)):
             if value not in allowed:
                 raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.generate == 0 and not self.judge.startswith("p_i"):
@@ -115,6 +131,7 @@ class Stage3Result:
     n_swept: int = 0                      # stage-2 prompts swept
     n_skipped: int = 0                    # stage-2 prompts without any stage-2 latent among the FM columns
     n_stage3_sets: int = 0
+    paired: tuple = ()                    # (K, metrics.Paired): FM against probe on the same prompts
 
 
 def run(store: Store, model: LoadedModel, settings: Stage3Settings,
@@ -149,8 +166,10 @@ def run(store: Store, model: LoadedModel, settings: Stage3Settings,
                           prune_id=prune["analysis_id"] if prune else None)
     if not settings.sweep:
         return result
+    active = (active_stage2(store, model, swept, stage2, _stage2_refs(store, model, saes, stage2, cand))
+              if settings.stage2_set == "active" else None)
     return _sweep(store, model, saes, settings, data, swept, stage2, (fm_fit, fm_id), (probe_fit, probe_id),
-                  result, log)
+                  result, log, active)
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -182,6 +201,30 @@ def default_layers(store: Store, model: str, cand: dict[str, Any] | None, min_la
     if l_star < min_layer:
         raise UsageError(f"l* = {l_star} is below the FM's first layer {min_layer}; pass --layers")
     return tuple(range(min_layer, l_star + 1))
+
+
+def active_stage2(store: Store, model: LoadedModel, prompts: Sequence[Prompt], stage2: Mapping[str, Sequence[Feature]],
+                  refs: Sequence[SaeRef]) -> dict[str, tuple[Feature, ...]]:
+    """prompt_id -> the members of its stage-2 set active (> 0) at some position of its clean run (`refs`' layers).
+
+    With the prune analysis' SAEs and prompts this is prune's own clean run: a store hit."""
+    done = extract(store, model, make_items(model, prompts), list(refs), ExtractSettings(positions="all"))
+    df = store.sql("SELECT DISTINCT t.prompt_id, a.layer, a.feature FROM sae_acts a JOIN tokens t USING (run_id, row) "
+                   "WHERE a.run_id = ?", [done.run_id])
+    fired = set(df.iter_rows())
+    return {p: tuple(f for f in feats if (p, *f) in fired) for p, feats in stage2.items()}
+
+
+def _stage2_refs(store: Store, model: LoadedModel, saes: Sequence[SaeRef], stage2: Mapping[str, Sequence[Feature]],
+                 cand: dict[str, Any] | None) -> list[SaeRef]:
+    """The SAEs prune used (the candidates analysis' less its excluded layers), else the stage's own (FM and
+    stage-2 layers)."""
+    if cand is not None:
+        from analyze.common import load_saes
+
+        excluded = set(cand["settings"].get("exclude_layers", ()))
+        return [r for r in load_saes(store, model, cand["settings"].get("saes", ())) if r.layer not in excluded]
+    return list(saes)
 
 
 def _fm_prompts(settings: Stage3Settings) -> list[Prompt]:
@@ -247,19 +290,28 @@ def _check_ints(values: tuple[int, ...], name: str, low: int) -> None:
 
 
 def summary_line(r: Stage3Result) -> str:
-    """One line: FM vs probe test accuracy, and the sweep's best ASR per ranker."""
+    """One line: FM vs probe test accuracy, the sweep's best ASR per ranker, FM vs probe at the FM's best K with
+    McNemar's p, the stage-3 sets alone."""
     line = (f"FM test accuracy {r.fm_accuracy['test']:.3f} vs probe {r.probe_accuracy['test']:.3f} on "
             f"{r.n_features} latents at layers {span(list(r.layers))}")
     if r.asr is None:
         return line
-    top = r.asr.sort("asr", "k", descending=[True, False]).unique("ranker", keep="first", maintain_order=True)
+    top = (r.asr.filter(pl.col("ranker") != "stage3_alone").sort("asr", "k", descending=[True, False])
+           .unique("ranker", keep="first", maintain_order=True))
     best = {row["ranker"]: rate_text(row["n_jailbroken"], row["n_prompts"]) for row in top.iter_rows(named=True)}
+    fm_k = top.filter(pl.col("ranker") == "fm")["k"].to_list()
+    at = dict(r.paired)
+    versus = (f"; at K={fm_k[0]} FM minus probe {at[fm_k[0]].text()}" if fm_k and fm_k[0] in at else "")
+    alone = r.asr.filter(pl.col("ranker") == "stage3_alone")
+    alone_text = (f"; stage-3 sets alone {rate_text(alone['n_jailbroken'][0], alone['n_prompts'][0])}"
+                  if alone.height else "")
     return line + (f"; ASR on {r.n_swept} stage-2 prompts: set alone {best.get('stage2', '-')}, + FM top-K up to "
-                   f"{best.get('fm', '-')}, + probe top-K up to {best.get('probe', '-')}; {r.n_stage3_sets} stage-3 sets")
+                   f"{best.get('fm', '-')}, + probe top-K up to {best.get('probe', '-')}{versus}; "
+                   f"{r.n_stage3_sets} stage-3 sets{alone_text}")
 
 
 def detail_lines(r: Stage3Result) -> list[str]:
-    """The fits, the embedding-size diagnostic, and the sweep's ASR per K."""
+    """The fits, the embedding-size diagnostic, and the sweep's ASR per K with FM against probe."""
     n = r.n_prompts
     acc = lambda a: f"test {a['test']:.3f} (train {a['train']:.3f}, val {a['val']:.3f})"  # noqa: E731
     lines = [f"FM data: layers {span(list(r.layers))}, {r.n_features} latents, prompts train {n['train']} / "
@@ -273,7 +325,16 @@ def detail_lines(r: Stage3Result) -> list[str]:
         return lines
     lines.append(f"sweep {r.sweep_id} (judge {r.judge}): {r.n_swept} stage-2 prompts swept, {r.n_skipped} skipped "
                  "(no stage-2 latent among the FM's columns)")
-    lines.append(f"{'K':>5} {'stage2':>6} {'FM':>6} {'probe':>6}")
-    for row in asr_table(r.asr).iter_rows(named=True):
-        lines.append(f"{row['k']:>5} {fmt(row.get('stage2')):>6} {fmt(row.get('fm')):>6} {fmt(row.get('probe')):>6}")
+    cell = {(row["ranker"], row["k"]): rate_text(row["n_jailbroken"], row["n_prompts"])
+            for row in r.asr.iter_rows(named=True)}
+    at = dict(r.paired)
+    lines.append(f"{'K':>5}  {'stage2':<20} {'FM':<20} {'probe':<20} FM minus probe")
+    for k in sorted({k for _, k in cell}):
+        if k == 0 and ("stage2", 0) not in cell:
+            continue
+        lines.append(f"{k:>5}  {cell.get(('stage2', k), '-'):<20} {cell.get(('fm', k), '-'):<20} "
+                     f"{cell.get(('probe', k), '-'):<20} {at[k].text() if k in at else '-'}")
+    if ("stage3_alone", 0) in cell:
+        lines.append(f"stage-3 sets alone (each prompt's FM top-K at its smallest jailbreaking K, without stage 2): "
+                     f"{cell[('stage3_alone', 0)]}")
     return lines
