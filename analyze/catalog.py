@@ -119,3 +119,13 @@ def newest_stage3(store: Store, model: str, prune_id: str) -> str | None:
                    "WHERE f.set_id = a.analysis_id AND f.stage = 3 AND f.selected) ORDER BY a.created_at DESC LIMIT 1",
                    [model, prune_id])
     return None if df.is_empty() else df.item(0, 0)
+
+
+def attribution_scores(store: Store, attribution_id: str) -> dict[str, dict[Feature, float]]:
+    """prompt_id -> {(layer, feature): predicted delta of the metric when it is zero-ablated} of one attribution."""
+    df = store.sql("SELECT prompt_id, layer, feature, score FROM attribution_scores WHERE attribution_id = ? "
+                   "ORDER BY ALL", [attribution_id])
+    scores: dict[str, dict[Feature, float]] = {}
+    for prompt_id, layer, feature, score in df.iter_rows():
+        scores.setdefault(prompt_id, {})[(int(layer), int(feature))] = float(score)
+    return scores
