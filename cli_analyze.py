@@ -58,6 +58,10 @@ def analyze_candidates(
     seed: Optional[int] = opt("--seed", "Seed of the dataset's order and split."),
     ks: Optional[str] = opt("--ks", "K values (latents per layer): 10,20,50 or start:stop:step."),
     ks_per_round: Optional[int] = opt("--ks-per-round", "Values of K per batched run."),
+    rank: Optional[str] = opt("--rank", "cosine (the paper's cos(r, W_dec)) or attribution (per prompt, by "
+                              "predicted delta log P(\"I\"); needs `analyze attribution`)."),
+    attribution_id: Optional[str] = opt("--attribution", "Attribution analysis id for --rank attribution "
+                                        "(default: the newest)."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
@@ -89,6 +93,10 @@ def analyze_prune(
                                  "literal (the pseudocode: accepted blocks are restored too)."),
     last_block: Optional[str] = opt("--last-block", "A last block of fewer than N features: test it, or skip it "
                                     "(the pseudocode's while |C\\K| >= N)."),
+    order: Optional[str] = opt("--order", "Block order: random (the paper's), attribution (least |attribution| "
+                               "first) or bisect (bisection over the attribution-sorted pool)."),
+    attribution_id: Optional[str] = opt("--attribution", "Attribution analysis id for --order attribution|bisect "
+                                        "(default: the newest)."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
 ) -> None:
@@ -97,6 +105,28 @@ def analyze_prune(
     Example: python cli.py analyze prune --max-prompts 16 --store stores/default
     """
     _stage("analyze.prune", "PruneSettings", _options(locals()), store)
+
+
+@analyze_app.command("attribution")
+def analyze_attribution(
+    model: Optional[str] = ModelOpt,
+    candidates_id: Optional[str] = opt("--candidates", "Candidates analysis whose refused prompts and SAE layers "
+                                       "are scored (default: the newest)."),
+    metric: Optional[str] = opt("--metric", "log_p (log P(\"I\")) or logit_diff (\"I\" minus the top other token)."),
+    steps: Optional[int] = opt("--steps", "Integrated-gradient points (1 = attribution patching)."),
+    max_prompts: Optional[int] = MaxPromptsOpt,
+    n_single: Optional[int] = opt("--n-single", "Faithfulness: single latents ablated per prompt and layer."),
+    n_blocks: Optional[int] = opt("--n-blocks", "Faithfulness: blocks ablated per prompt and layer."),
+    block_size: Optional[int] = opt("--block-size", "Latents per faithfulness block."),
+    check_seed: Optional[int] = opt("--check-seed", "Seed of the faithfulness sample."),
+    batch_size: Optional[int] = BatchOpt,
+    device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
+) -> None:
+    """Gradient attribution of every active SAE latent on the stage-1 prompts, checked against real ablations.
+
+    Example: python cli.py analyze attribution --steps 1 --store stores/default
+    """
+    _stage("analyze.attribution", "AttributionSettings", _options(locals()), store)
 
 
 @analyze_app.command("stage3")
