@@ -161,3 +161,34 @@ def test_orders_other_than_random_need_an_attribution_analysis(planted_stage1):
         prune.run(store, model, PruneSettings(judge="p_i", order="bisect", attribution_id="0000"))
     with pytest.raises(UsageError, match="order must be one of random, attribution, bisect"):
         PruneSettings(order="greedy")
+
+
+def test_cli_rejects_a_bad_metric_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from tests.conftest import assert_one_error
+
+    result = CliRunner().invoke(app, ["analyze", "attribution", "--metric", "kl", "--store", str(tmp_path / "s")])
+    assert_one_error(result, "error: metric must be one of log_p, logit_diff, got 'kl'")
+
+
+def test_report_section_shows_the_checks_rankings_and_orders(planted_stage1, attributed, paper_order):
+    from analyze import prune, report
+    from analyze.attribution_report import order_comparison, rank_comparison
+    from analyze.prune import PruneSettings
+
+    store, model = planted_stage1
+    prune.run(store, model, PruneSettings(judge="p_i", order="bisect", candidates_id=_cosine_candidates(store),
+                                          attribution_id=attributed.attribution_id))
+    orders = order_comparison(store).filter(pl.col("prune_id").is_in([paper_order.prune_id]) |
+                                            (pl.col("order") == "bisect"))
+    by_order = {row["order"]: row for row in orders.iter_rows(named=True)}
+    assert by_order["random"]["jaccard_vs_random"] == 1.0
+    assert by_order["bisect"]["mean_set_size"] == 3.0 and 0 < by_order["bisect"]["jaccard_vs_random"] <= 1
+    assert by_order["bisect"]["evaluations_per_prompt"] < by_order["random"]["evaluations_per_prompt"]
+    assert "cosine" in set(rank_comparison(store)["rank"])
+    section = next(s for s in report.SECTIONS if s.command == "python cli.py analyze attribution")
+    rendered = report.render_section(store, section, report.ReportSettings())
+    assert rendered.status == "ok", rendered.parts
+    assert any(isinstance(p, report.Figure) for p in rendered.parts)
