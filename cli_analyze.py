@@ -61,6 +61,10 @@ def analyze_candidates(
     ks_per_round: Optional[int] = opt("--ks-per-round", "Values of K per batched run."),
     ablate_first: Optional[bool] = opt("--ablate-first/--no-ablate-first",
                                        "Zero-ablate at position 0 (the massive-activation sink) too."),
+    rank: Optional[str] = opt("--rank", "cosine (the paper's cos(r, W_dec)) or attribution (per prompt, by "
+                              "predicted delta log P(\"I\"); needs `analyze attribution`)."),
+    attribution_id: Optional[str] = opt("--attribution", "Attribution analysis id for --rank attribution "
+                                        "(default: the newest)."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
@@ -97,6 +101,10 @@ def analyze_prune(
                                        "Zero-ablate at position 0 (the massive-activation sink) too."),
     magnitude_bins: Optional[int] = opt("--magnitude-bins", "Quantile bins of the magnitude-matched random control "
                                         "(4: quartiles of the prompt's activation values per layer)."),
+    order: Optional[str] = opt("--order", "Block order: random (the paper's), attribution (least |attribution| "
+                               "first) or bisect (bisection over the attribution-sorted pool)."),
+    attribution_id: Optional[str] = opt("--attribution", "Attribution analysis id for --order attribution|bisect "
+                                        "(default: the newest)."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
@@ -106,6 +114,28 @@ def analyze_prune(
     Example: python cli.py analyze prune --max-prompts 16 --store stores/default
     """
     _stage("analyze.prune", "PruneSettings", _options(locals()), store)
+
+
+@analyze_app.command("attribution")
+def analyze_attribution(
+    model: Optional[str] = ModelOpt,
+    candidates_id: Optional[str] = opt("--candidates", "Candidates analysis whose refused prompts and SAE layers "
+                                       "are scored (default: the newest)."),
+    metric: Optional[str] = opt("--metric", "log_p (log P(\"I\")) or logit_diff (\"I\" minus the top other token)."),
+    steps: Optional[int] = opt("--steps", "Integrated-gradient points (1 = attribution patching)."),
+    max_prompts: Optional[int] = MaxPromptsOpt,
+    n_single: Optional[int] = opt("--n-single", "Faithfulness: single latents ablated per prompt and layer."),
+    n_blocks: Optional[int] = opt("--n-blocks", "Faithfulness: blocks ablated per prompt and layer."),
+    block_size: Optional[int] = opt("--block-size", "Latents per faithfulness block."),
+    check_seed: Optional[int] = opt("--check-seed", "Seed of the faithfulness sample."),
+    batch_size: Optional[int] = BatchOpt,
+    device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,
+) -> None:
+    """Gradient attribution of every active SAE latent on the stage-1 prompts, checked against real ablations.
+
+    Example: python cli.py analyze attribution --steps 1 --store stores/default
+    """
+    _stage("analyze.attribution", "AttributionSettings", _options(locals()), store)
 
 
 @analyze_app.command("stage3")

@@ -32,6 +32,7 @@ from analyze.settings import JudgedSettings
 from analyze.metrics import rate_text
 from analyze.text import span
 
+RANKS = ("cosine", "attribution")
 
 @dataclass(frozen=True)
 class CandidateSettings(JudgedSettings):
@@ -45,12 +46,17 @@ class CandidateSettings(JudgedSettings):
     ks: tuple[int, ...] = tuple(range(10, 201, 10))
     ks_per_round: int = 5
     ablate_first: bool = True            # zero-ablate at position 0 too (the sink the SAEs never saw; README)
+    rank: str = "cosine"                 # cosine: cos(r, W_dec[i]), the paper's; attribution: per prompt, the most
+                                         # negative predicted delta log P("I") first (analyze/attribution.py)
+    attribution_id: str | None = None    # rank = attribution: None = the newest attribution analysis of the model
 
     # added after candidates ids were first made: hashed only when set, so existing ids stay
-    _HASHED_WHEN_SET = JudgedSettings._HASHED_WHEN_SET + ("ablate_first",)
+    _HASHED_WHEN_SET = JudgedSettings._HASHED_WHEN_SET + ("ablate_first", "rank", "attribution_id")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.rank not in RANKS:
+            raise UsageError(f"rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
         if not self.ks or any(k < 1 for k in self.ks) or list(self.ks) != sorted(set(self.ks)):
             raise UsageError(f"ks must be ascending positive integers, got {self.ks}")
         for name in ("n_prompts", "ks_per_round"):
@@ -90,6 +96,8 @@ def run(store: Store, model: LoadedModel, settings: CandidateSettings, log: Log 
     rows = [measure(prompts, [0] * len(prompts))]
     unresolved = [p for p, v in zip(prompts, rows[0]["verdict"]) if v == "refusal"]
     n_refused = len(unresolved)
+    if settings.rank == "attribution" and unresolved:
+        ranking = _attribution_ranking(store, model, settings, ranking, saes, torch.from_numpy(r), unresolved)
     for start in range(0, len(settings.ks), settings.ks_per_round):
         if not unresolved:
             break
@@ -105,7 +113,8 @@ def run(store: Store, model: LoadedModel, settings: CandidateSettings, log: Log 
     summary = _per_prompt(table, prompts)
     metrics = {"n_prompts": len(prompts), "n_refused": n_refused,
                "n_jailbroken": int(summary["k"].is_not_null().sum()), "layer": layer,
-               "sae_layers": [s.layer for s in saes], "k_max": settings.ks[-1], "runs": sorted(set(table["run_id"]))}
+               "sae_layers": [s.layer for s in saes], "k_max": settings.ks[-1], "runs": sorted(set(table["run_id"])),
+               "rank": settings.rank}
     save_analysis(store, cid, "candidates", model.name, direction["analysis_id"], judge.judge_id, settings,
                   metrics, {"candidate_sets": ("candidates_id", table), "feature_sets": ("set_id", sets)})
     return CandidatesResult(cid, direction["analysis_id"], layer, summary, ranking, metrics)
@@ -125,21 +134,53 @@ def rank_by_cosine(saes: list[SaeRef], r: torch.Tensor, top: int) -> pl.DataFram
     return pl.concat(parts)
 
 
-def candidate_set(ranking: pl.DataFrame, k: int) -> list[Feature]:
-    """C_K: the top-k latents of every layer in the ranking, as (layer, feature) pairs."""
-    top = ranking.filter(pl.col("rank") < k)
+def candidate_set(ranking: pl.DataFrame, k: int, prompt_id: str | None = None) -> list[Feature]:
+    """C_K: the top-k latents of every layer in the ranking (the prompt's own, for a per-prompt ranking)."""
+    top = _for_prompt(ranking, prompt_id).filter(pl.col("rank") < k)
     return list(zip(top["layer"].to_list(), top["feature"].to_list()))
+
+
+def _for_prompt(ranking: pl.DataFrame, prompt_id: str | None) -> pl.DataFrame:
+    """The ranking's rows for one prompt when it ranks per prompt (a prompt_id column), else all of it."""
+    return ranking.filter(pl.col("prompt_id") == prompt_id) if "prompt_id" in ranking.columns else ranking
+
+
+def _attribution_ranking(store: Store, model: LoadedModel, settings: CandidateSettings, cosine: pl.DataFrame,
+                         saes: list[SaeRef], r: torch.Tensor, prompts: list[Prompt]) -> pl.DataFrame:
+    """Per prompt and SAE layer, the active latents by predicted delta log P("I") (most negative first)."""
+    from analyze.attribution import importance
+
+    _, scores = importance(store, model.name, settings.attribution_id, [p.prompt_id for p in prompts])
+    layers = {s.layer for s in saes}
+    cos = {ref.layer: torch.nn.functional.cosine_similarity(decoder_rows(ref.sae, torch.arange(ref.d_sae)),
+                                                            r[None, :].float(), dim=-1) for ref in saes}
+    parts = []
+    for prompt in prompts:
+        by_layer: dict[int, list[tuple[float, int]]] = {}
+        for (layer, feature), score in scores[prompt.prompt_id].items():
+            if layer in layers:
+                by_layer.setdefault(layer, []).append((score, feature))
+        for layer, ranked in sorted(by_layer.items()):
+            top = [f for _, f in sorted(ranked)[:max(settings.ks)]]
+            parts.append(pl.DataFrame({"prompt_id": prompt.prompt_id, "layer": layer, "rank": list(range(len(top))),
+                                       "feature": top, "cos": cos[layer][top].tolist()},
+                                      schema={"prompt_id": pl.String, "layer": pl.Int16, "rank": pl.Int32,
+                                              "feature": pl.Int32, "cos": pl.Float32}))
+    if not parts:
+        raise UsageError("the attribution analysis scored no latent at the candidates' SAE layers")
+    return pl.concat(parts)
 
 
 def _measure(store, model, prompts: list[Prompt], ks: list[int], ranking, saes, extract_settings,
              judge: Judge, log: Log, first: bool = True) -> pl.DataFrame:
     """One run: each prompt with C_k ablated (k = 0: nothing); rows for `candidate_sets` (no id yet)."""
-    sets = {k: candidate_set(ranking, k) for k in set(ks)}
-    specs = [ablation(sets[k], first) if k else Intervention() for k in ks]
+    sets = {(p.prompt_id, k): candidate_set(ranking, k, p.prompt_id) for p, k in zip(prompts, ks)}
+    specs = [ablation(sets[(p.prompt_id, k)], first) if k else Intervention() for p, k in zip(prompts, ks)]
     done = evaluate(store, model, prompts, specs, saes, extract_settings, log=log)
     verdicts = judge_run(store, done.run_id, judge)["verdict"].to_numpy()[done.items]
     return pl.DataFrame({
-        "prompt_id": [p.prompt_id for p in prompts], "k": ks, "n_features": [len(sets[k]) for k in ks],
+        "prompt_id": [p.prompt_id for p in prompts], "k": ks,
+        "n_features": [len(sets[(p.prompt_id, k)]) if k else 0 for p, k in zip(prompts, ks)],
         "run_id": [done.run_id] * len(prompts), "item": done.items.astype(np.int32), "p_i": done.p_i,
         "verdict": verdicts, "jailbroken": verdicts == "compliance",
     }, schema_overrides={"k": pl.Int32, "n_features": pl.Int32, "item": pl.Int32, "p_i": pl.Float32})
@@ -156,7 +197,7 @@ def _with_chosen(table: pl.DataFrame) -> pl.DataFrame:
 def _chosen_sets(cid: str, table: pl.DataFrame, ranking: pl.DataFrame) -> pl.DataFrame:
     parts = []
     for prompt_id, k in table.filter(pl.col("chosen")).select("prompt_id", "k").iter_rows():
-        top = ranking.filter(pl.col("rank") < k)
+        top = _for_prompt(ranking, prompt_id).filter(pl.col("rank") < k)
         parts.append(pl.DataFrame({
             "set_id": cid, "stage": 1, "prompt_id": prompt_id, "tau": None, "layer": top["layer"],
             "feature": top["feature"], "score": top["cos"], "selected": True,

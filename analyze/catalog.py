@@ -128,3 +128,13 @@ def paired_tests_frame(analysis_id_: str, tests: list[tuple[str, str, int, Any]]
               "n_both": pl.Int32, "n_a_only": pl.Int32, "n_b_only": pl.Int32, "n_neither": pl.Int32,
               "p_value": pl.Float64, "diff": pl.Float64, "diff_low": pl.Float64, "diff_high": pl.Float64}
     return pl.DataFrame(rows, schema=schema)
+
+
+def attribution_scores(store: Store, attribution_id: str) -> dict[str, dict[Feature, float]]:
+    """prompt_id -> {(layer, feature): predicted delta of the metric when it is zero-ablated} of one attribution."""
+    df = store.sql("SELECT prompt_id, layer, feature, score FROM attribution_scores WHERE attribution_id = ? "
+                   "ORDER BY ALL", [attribution_id])
+    scores: dict[str, dict[Feature, float]] = {}
+    for prompt_id, layer, feature, score in df.iter_rows():
+        scores.setdefault(prompt_id, {})[(int(layer), int(feature))] = float(score)
+    return scores

@@ -59,6 +59,7 @@ from analyze.text import fmt
 POOLS = ("candidates", "active")
 VARIANTS = ("prose", "literal")          # the two readings of Algorithm 1 (module docstring)
 LAST_BLOCKS = ("test", "skip")
+ORDERS = ("random", "attribution", "bisect")   # random: the paper's; the others read an attribution analysis
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,13 @@ class PruneSettings(JudgedPromptSettings):
     last_block: str = "test"             # a last block of fewer than N: test it, or skip it as printed
     ablate_first: bool = True            # zero-ablate at position 0 too (the sink the SAEs never saw; README)
     magnitude_bins: int = 4              # the magnitude-matched control draws from the same quantile bin (4: quartiles)
+    order: str = "random"                # random: the seed's permutation (paper); attribution: least |attribution|
+                                         # first (ties in the seed's order); bisect: analyze/bisect.py
+    attribution_id: str | None = None    # order attribution or bisect: None = the newest attribution analysis
 
     # added after prune ids were first made: hashed only when set, so prose/test runs keep their ids
     _HASHED_WHEN_SET = JudgedPromptSettings._HASHED_WHEN_SET + ("variant", "last_block", "ablate_first",
-                                                                "magnitude_bins")
+                                                                "magnitude_bins", "order", "attribution_id")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,6 +101,8 @@ class PruneSettings(JudgedPromptSettings):
             raise UsageError(f"last_block must be one of {', '.join(LAST_BLOCKS)}, got {self.last_block!r}")
         if self.magnitude_bins < 1:
             raise UsageError(f"magnitude_bins must be >= 1, got {self.magnitude_bins}")
+        if self.order not in ORDERS:
+            raise UsageError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
 
 
 @dataclass
@@ -154,7 +160,12 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
                           saes, _quiet(settings.batch_size, 0)).p_i
     log(f"pruning {len(prompts)} prompts x {len(settings.taus)} taus x {len(settings.seeds)} seeds, "
         f"pools of {min(map(len, pools))}..{max(map(len, pools))} features")
-    trace = lockstep_prune(store, model, saes, prompts, pools, p_full, settings, log)
+    scores = None
+    if settings.order != "random":
+        from analyze.attribution import importance
+        attribution_id, by_prompt = importance(store, model.name, settings.attribution_id, [p.prompt_id for p in prompts])
+        scores = [by_prompt[p.prompt_id] for p in prompts]
+    trace = lockstep_prune(store, model, saes, prompts, pools, p_full, settings, log, scores)
     sets = minimal_sets(trace.kept, len(prompts), settings)
     log(f"checking {len(sets)} minimal sets and their random controls")
     checks = _check(store, model, prompts, sets, active, saes, judge, settings, log)
@@ -162,6 +173,8 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
     summary.update(seconds_pruning=trace.seconds, seconds_total=time.perf_counter() - t0,
                    seconds_per_prompt=trace.seconds / len(prompts), n_steps=trace.n_steps,
                    n_evaluations=trace.n_evaluations, n_forward_items=trace.n_forward_items)
+    if scores is not None:
+        summary.update(order=settings.order, attribution_id=attribution_id)
     steps = trace.steps.with_columns(pl.lit(pid).alias("prune_id"))
     save_analysis(store, pid, "prune", model.name, cand["analysis_id"], judge.judge_id, settings, summary,
                   {"pruning_steps": ("prune_id", steps),
@@ -173,30 +186,39 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
 
 def lockstep_prune(store: Store, model: LoadedModel, saes: list[SaeRef], prompts: list[Prompt],
                    pools: list[set[Feature]], p_full: np.ndarray, settings: PruneSettings,
-                   log: Log = no_log, extract_settings: ExtractSettings | None = None) -> PruneTrace:
+                   log: Log = no_log, scores: list[dict[Feature, float]] | None = None,
+                   extract_settings: ExtractSettings | None = None) -> PruneTrace:
     """Algorithm 1 for every (prompt, tau, seed), all advancing together: one extraction run per step.
 
     Each step's forwards start at the step's first ablated layer from the stored clean residual
-    (extract/prefix.py); `extract_settings` overrides the step runs' settings (bench/bench_prune.py)."""
+    (extract/prefix.py); `extract_settings` overrides the step runs' settings (bench/bench_prune.py).
+    `scores` (prompt index -> attribution score per feature) order the blocks (order attribution) or drive
+    the bisection (order bisect, analyze/bisect.py)."""
     step_settings = extract_settings or _quiet(settings.batch_size, 0)
 
     def measure(rows: list[int], ablated: list[list[Feature]]) -> Evaluated:
         return evaluate(store, model, [prompts[i] for i in rows],
                         [ablation(a, settings.ablate_first) for a in ablated], saes,
                         step_settings, dedupe=settings.dedupe)
-    return algorithm1(pools, p_full, settings, measure, [p.prompt_id for p in prompts], log)
+    prompt_ids = [p.prompt_id for p in prompts]
+    if settings.order == "bisect":
+        from analyze.bisect import bisect_prune
+        return PruneTrace(*bisect_prune(pools, p_full, settings.taus, settings.seeds, scores, measure, prompt_ids,
+                                        _STEP_SCHEMA, log))
+    return algorithm1(pools, p_full, settings, measure, prompt_ids, log, scores)
 
 
 Measure = Callable[[list[int], list[list[Feature]]], Evaluated]   # (prompt indices, ablation sets) -> P("I")
 
 
 def algorithm1(pools: list[set[Feature]], p_full: np.ndarray, settings: PruneSettings, measure: Measure,
-               prompt_ids: list[str], log: Log = no_log) -> PruneTrace:
+               prompt_ids: list[str], log: Log = no_log,
+               scores: list[dict[Feature, float]] | None = None) -> PruneTrace:
     """Algorithm 1 for every (prompt, tau, seed) in lockstep, one `measure` call per step for all live runs.
 
     `p_full[i]` is P(pool i ablated), the first base value of both readings."""
     t0 = time.perf_counter()
-    runs = [_Run(i, tau, seed, _blocks(pool, seed, settings), float(p_full[i]))
+    runs = [_Run(i, tau, seed, _blocks(pool, seed, settings, scores[i] if scores else None), float(p_full[i]))
             for i, pool in enumerate(pools) for seed in settings.seeds for tau in settings.taus]
     n_steps = max((len(r.blocks) for r in runs), default=0)
     rows: list[dict[str, Any]] = []
@@ -222,10 +244,16 @@ def minimal_sets(kept: dict[tuple[int, float, int], frozenset[Feature]], n_promp
             for i in range(n_prompts) for tau in settings.taus}
 
 
-def _blocks(pool: set[Feature], seed: int, settings: PruneSettings) -> list[list[Feature]]:
-    """The pool in the seed's order cut into blocks of N; under `last_block = "skip"` none smaller than N."""
+def _blocks(pool: set[Feature], seed: int, settings: PruneSettings,
+            scores: dict[Feature, float] | None = None) -> list[list[Feature]]:
+    """The pool in the seed's order cut into blocks of N; under `last_block = "skip"` none smaller than N.
+
+    With `scores` (order attribution) the seed's order is stably re-sorted by |attribution score|, least
+    first, so the latents predicted to matter are tested last, when little else is left to prune."""
     ordered, n = sorted(pool), settings.block_size
     order = np.random.default_rng(seed).permutation(len(ordered))
+    if scores is not None:
+        order = np.array(sorted(order, key=lambda j: abs(scores.get(ordered[j], 0.0))), dtype=np.int64)
     blocks = [[ordered[j] for j in order[s:s + n]] for s in range(0, len(order), n)]
     if settings.last_block == "skip" and blocks and len(blocks[-1]) < n:
         blocks.pop()

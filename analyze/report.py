@@ -25,7 +25,7 @@ matplotlib.use("Agg")                                  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
-from analyze import clamping, findings, rejudge, taxonomy  # noqa: E402
+from analyze import attribution_report, clamping, findings, rejudge, taxonomy  # noqa: E402
 from analyze.judge_eval import agreement_table  # noqa: E402
 from analyze.cards import CardSettings, FeatureCard, cards  # noqa: E402
 from store import Store, UsageError  # noqa: E402
@@ -543,6 +543,8 @@ SECTIONS: list[Section] = [
     Section("Taxonomy: features by CoCoNot harm subcategory (unsafe requests)", _taxonomy_sql, _render_taxonomy, ("sae_acts",),
             "python cli.py extract --dataset coconot --limit 0 (with SAEs), then python cli.py analyze taxonomy",
             "Fig. 3"),
+    Section("Beyond the paper: gradient attribution vs real ablations", attribution_report.SQL,
+            attribution_report.render, ("attribution_checks",), "python cli.py analyze attribution"),
     Section("Feature cards", (CARD_FEATURES_SQL,), _render_cards, ("feature_sets",),
             "python cli.py analyze prune (cards show the features of the stage-2 and stage-3 sets)"),
     Section("Judges: agreement on the same completions", (rejudge.PAIRS_SQL,), _render_agreement, ("judgements",),

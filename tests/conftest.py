@@ -96,3 +96,22 @@ def planted_stage1(_planted_stage1_store, planted_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("stage1-copy") / "s"
     shutil.copytree(_planted_stage1_store, path)
     return Store.open(path, read_only=False), planted_model
+
+
+@pytest.fixture(scope="session")
+def linear_model(planted_model):
+    """The planted model with its final RMSNorm replaced by a fixed scale: linear in the planted latents.
+
+    A separate model name, so its runs never share a store cache entry with the planted model's."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    class FixedScale(torch.nn.Module):
+        def forward(self, x):
+            return x * 0.05
+
+    inner = copy.deepcopy(planted_model.model)
+    inner.model.norm = FixedScale()
+    return dataclasses.replace(planted_model, name=planted_model.name + "#fixed-scale-norm", model=inner)

@@ -1,0 +1,86 @@
+"""Beyond the paper: stage 2 as a bisection over the attribution-sorted pool (`analyze prune --order bisect`).
+
+The pool C (the stage-1 set) is sorted by attribution score, the predicted delta log P("I") of
+ablating each latent alone (analyze/attribution.py), most negative first: the latents predicted to
+hold refusal up come first. S_k is the first k of that order. For each tau the search looks for the
+smallest k whose ablation alone keeps P("I") as low as ablating the whole pool, in Algorithm 1's
+terms: restoring the rest, C \\ S_k, changes P("I") by less than tau,
+
+    delta(k) = |P(C) - P(S_k)| / P(C) < tau        (P(X): P("I") with X zero-ablated)
+
+Bisection on k assumes delta falls with k (it does when the order is right; where it does not, the
+search still returns a prefix that passed the test). It starts from k = |C| (delta 0, passes) and
+k = 0 (taken to fail: nothing ablated), and measures P(S_mid) at every step, so a (prompt, tau)
+costs ceil(log2 |C|) evaluations where Algorithm 1 costs |C| / N per seed. All searches advance in
+lockstep, one `measure` call per step (Algorithm 1's `Measure`, analyze/prune.py), and identical
+(prompt, prefix) rows, common because every tau starts at the same midpoint, share one forward.
+The order has no seed: the set found is each seed's set, so the intersection over seeds is that set.
+
+`pruning_steps` rows of a search: the block is the prefix S_mid that was ablated, p_base = P(C),
+p_without = P(S_mid), decision "keep" when the prefix failed (the search moves right: every latent
+in it is kept) and "prune" when it passed (the latents after it are dropped), n_ablated = mid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from analyze.common import Feature, Log, no_log
+
+Scores = dict[Feature, float]
+
+
+@dataclass
+class _Search:
+    prompt: int
+    tau: float
+    order: list[Feature]                 # the pool, most negative score first
+    lo: int = 0                          # a prefix length that fails (0: nothing ablated)
+    hi: int = 0                          # a prefix length that passes (|C| at the start)
+
+    @property
+    def live(self) -> bool:
+        return self.hi - self.lo > 1
+
+    @property
+    def mid(self) -> int:
+        return (self.lo + self.hi) // 2
+
+
+def attribution_order(pool: set[Feature], scores: Scores) -> list[Feature]:
+    """The pool by attribution score, most negative first (unscored latents count as 0); ties by feature."""
+    return sorted(pool, key=lambda f: (scores.get(f, 0.0), f))
+
+
+def bisect_prune(pools: list[set[Feature]], p_full: np.ndarray, taus: tuple[float, ...], seeds: tuple[int, ...],
+                 scores: list[Scores], measure, prompt_ids: list[str], step_schema: dict[str, Any],
+                 log: Log = no_log):
+    """Per (prompt, tau) the bisection's set, in lockstep; returns (steps frame, kept, n_steps, n_eval, n_items, s)."""
+    t0 = time.perf_counter()
+    searches = [_Search(i, tau, attribution_order(pool, scores[i]), 0, len(pool))
+                for i, pool in enumerate(pools) for tau in taus]
+    rows: list[dict[str, Any]] = []
+    n_eval = n_items = step = 0
+    while live := [s for s in searches if s.live]:
+        tests = [s.order[:s.mid] for s in live]
+        done = measure([s.prompt for s in live], tests)
+        n_eval, n_items = n_eval + len(live), n_items + done.n_forward_items
+        for s, test, p, item in zip(live, tests, done.p_i, done.items):
+            base = float(p_full[s.prompt])
+            delta = abs(base - float(p)) / base
+            passes = delta < s.tau
+            rows.append({"prompt_id": prompt_ids[s.prompt], "tau": s.tau, "seed": seeds[0], "step": step,
+                         "block_layers": [f[0] for f in test], "block_features": [f[1] for f in test],
+                         "p_base": base, "p_without": float(p), "delta": delta,
+                         "decision": "prune" if passes else "keep", "n_ablated": len(test),
+                         "run_id": done.run_id, "item": int(item)})
+            s.hi, s.lo = (s.mid, s.lo) if passes else (s.hi, s.mid)
+        step += 1
+        log(f"bisection step {step}: {len(live)} searches, {done.n_forward_items} forwards")
+    kept = {(s.prompt, s.tau, seed): frozenset(s.order[:s.hi]) for s in searches for seed in seeds}
+    return pl.DataFrame(rows, schema=step_schema), kept, step, n_eval, n_items, time.perf_counter() - t0
