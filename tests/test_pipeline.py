@@ -162,7 +162,7 @@ def test_profiles_and_settings_round_trip(tmp_path, planted, model):
     assert parse_layers("5/12-5/8", 4, clamp=True) == (2,) and parse_layers("2-2/3", 24, clamp=True) == tuple(range(2, 17))
     quick = pipeline.load_settings("quick", model, out=tmp_path / "r")
     raw = json.loads((pipeline.PROFILE_DIR / "quick.json").read_text())
-    assert quick.sae.layers == (2,) and quick.sae.tokens == raw["sae"]["tokens"] and quick.prune.seeds == (0,)
+    assert quick.sae.layers == (2,) and quick.sae.tokens == raw["sae"]["tokens"] and quick.prune.seeds == tuple(raw["prune"]["seeds"]) == (0, 1)
     assert quick.direction.layers == (2,) and quick.report.out == str(tmp_path / "r")
     assert pipeline.load_settings(pipeline.profile_path("quick"), model, out=tmp_path / "r") == quick
     default = pipeline.load_settings("default", model)
