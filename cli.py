@@ -256,8 +256,8 @@ def run_job(
     with user_errors():
         profile = _profile_name(quick, settings_file)
         pipeline.check_stage_options(start, only)
-        pipeline.check_profile(profile)                   # a bad file fails before anything is created
-        worker_settings(workers, ray_address)
+        checked = pipeline.check_profile(profile)         # a bad file fails before anything is created
+        worker_settings(workers, ray_address, checked.workers)
         the_store = _open_store(store, create=True)
         loaded = _load_model(model, device, dtype)
         settings = pipeline.load_settings(profile, loaded, out=out)

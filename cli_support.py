@@ -70,12 +70,15 @@ def _load_model(name: str | None, device: str | None, dtype: str | None):
 
 
 def worker_settings(workers: int | None, ray_address: str | None, base: Any = None) -> Any:
-    """The pool's settings: --workers/--ray-address over `base` (a profile's), over the defaults."""
+    """The pool's settings: --workers/--ray-address over `base` (a profile's), over the defaults. --workers 0 runs
+    in this process, so it also drops a cluster address the profile gives."""
     from dataclasses import asdict
 
     from extract.workers import WorkerSettings
 
     given = {k: v for k, v in (("n", workers), ("ray_address", ray_address)) if v is not None}
+    if workers == 0 and ray_address is None:
+        given["ray_address"] = None
     return WorkerSettings.from_dict({**(asdict(base) if base is not None else {}), **given})
 
 

@@ -19,7 +19,7 @@ import polars as pl
 import torch
 
 from analyze.catalog import latest_analysis, save_analysis
-from analyze.common import Feature, Log, ablation, analysis_id, evaluate, load_saes, no_log, split_prompts
+from analyze.common import Feature, Log, ablation, analysis_id, model_key, evaluate, load_saes, no_log, split_prompts
 from analyze.direction import load_direction
 from analyze.judges import Judge, get_judge, judge_run
 from extract.datasets import Prompt
@@ -82,8 +82,11 @@ def run(store: Store, model: LoadedModel, settings: CandidateSettings, log: Log 
     saes = [s for s in load_saes(store, model, settings.saes) if s.layer not in settings.exclude_layers]
     if not saes:
         raise UsageError(f"no SAE layer is left after excluding layers {settings.exclude_layers}")
-    cid = analysis_id("candidates", model.name, direction["analysis_id"], settings,
-                      {str(s.layer): s.source for s in saes})
+    inputs: dict[str, str] = {str(s.layer): s.source for s in saes}
+    if settings.rank == "attribution":              # the scores it ranks by are an input: hash which ones
+        inputs["attribution_id"] = latest_analysis(store, "attribution", model.name,
+                                                   settings.attribution_id)["analysis_id"]
+    cid = analysis_id("candidates", model_key(model), direction["analysis_id"], settings, inputs)
     ranking = rank_by_cosine(saes, torch.from_numpy(r), max(settings.ks))
     prompts = split_prompts(settings.dataset, settings.split, settings.n_prompts, settings.seed)
     generate = settings.generate if judge.needs_completion else 0
@@ -97,7 +100,8 @@ def run(store: Store, model: LoadedModel, settings: CandidateSettings, log: Log 
     unresolved = [p for p, v in zip(prompts, rows[0]["verdict"]) if v == "refusal"]
     n_refused = len(unresolved)
     if settings.rank == "attribution" and unresolved:
-        ranking = _attribution_ranking(store, model, settings, ranking, saes, torch.from_numpy(r), unresolved)
+        ranking = _attribution_ranking(store, model, inputs["attribution_id"], settings, saes, torch.from_numpy(r),
+                                       unresolved)
     for start in range(0, len(settings.ks), settings.ks_per_round):
         if not unresolved:
             break
@@ -145,12 +149,12 @@ def _for_prompt(ranking: pl.DataFrame, prompt_id: str | None) -> pl.DataFrame:
     return ranking.filter(pl.col("prompt_id") == prompt_id) if "prompt_id" in ranking.columns else ranking
 
 
-def _attribution_ranking(store: Store, model: LoadedModel, settings: CandidateSettings, cosine: pl.DataFrame,
+def _attribution_ranking(store: Store, model: LoadedModel, attribution_id: str, settings: CandidateSettings,
                          saes: list[SaeRef], r: torch.Tensor, prompts: list[Prompt]) -> pl.DataFrame:
     """Per prompt and SAE layer, the active latents by predicted delta log P("I") (most negative first)."""
     from analyze.attribution import importance
 
-    _, scores = importance(store, model.name, settings.attribution_id, [p.prompt_id for p in prompts])
+    _, scores = importance(store, model.name, attribution_id, [p.prompt_id for p in prompts])
     layers = {s.layer for s in saes}
     cos = {ref.layer: torch.nn.functional.cosine_similarity(decoder_rows(ref.sae, torch.arange(ref.d_sae)),
                                                             r[None, :].float(), dim=-1) for ref in saes}

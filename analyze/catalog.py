@@ -105,11 +105,28 @@ def newest_direction(store: Store, model: str) -> tuple[float, ...] | None:
     return None if df.is_empty() else tuple(float(x) for x in df["vector"][0])
 
 
-def newest_feature_sets(store: Store, model: str, stage: int) -> dict[str, tuple[Feature, ...]]:
-    """prompt_id -> its selected stage-`stage` set, from the model's newest analysis with sets of that stage."""
+def ablates_first(store: Store, analysis_id_: str | None) -> bool:
+    """The position-0 rule (`ablate_first`) under which an analysis' sets were found: its own setting, else the
+    nearest parent's that has one (a stage-3 sweep -> its prune analysis -> its candidates). Later stages ablate
+    those sets the same way. True where none says (the default, and every analysis made before the setting)."""
+    seen = set()
+    while analysis_id_ and analysis_id_ not in seen:
+        seen.add(analysis_id_)
+        df = store.sql("SELECT settings, parent_id FROM analyses WHERE analysis_id = ?", [analysis_id_])
+        if df.is_empty():
+            break
+        settings = json.loads(df["settings"][0]) if df["settings"][0] else {}
+        if "ablate_first" in settings:
+            return bool(settings["ablate_first"])
+        analysis_id_ = df["parent_id"][0]
+    return True
+
+
+def newest_feature_sets_of(store: Store, model: str, stage: int) -> tuple[str | None, dict[str, tuple[Feature, ...]]]:
+    """(the analysis id, prompt_id -> its selected stage-`stage` set) of the model's newest analysis with such sets."""
     df = store.sql("SELECT f.set_id FROM feature_sets f JOIN analyses a ON a.analysis_id = f.set_id "
                    "WHERE f.stage = ? AND a.model = ? ORDER BY a.created_at DESC LIMIT 1", [stage, model])
-    return {} if df.is_empty() else feature_sets(store, df["set_id"][0], stage)
+    return (None, {}) if df.is_empty() else (df["set_id"][0], feature_sets(store, df["set_id"][0], stage))
 
 
 def newest_stage3(store: Store, model: str, prune_id: str) -> str | None:

@@ -30,6 +30,14 @@ def no_log(_: str) -> None:
     """The default `log`: say nothing."""
 
 
+def model_key(model: LoadedModel) -> str:
+    """The model as analysis ids and pipeline stage keys hash it: its name, plus its dtype unless float32 (ids
+    made before the dtype varied hold). Run ids hash the dtype already; this keeps a bf16 analysis (`--dtype
+    auto` on cuda or a CPU with native bf16) from reusing or replacing an fp32 one of the same store."""
+    dtype = str(model.dtype).removeprefix("torch.")
+    return model.name if dtype == "float32" else f"{model.name}@{dtype}"
+
+
 def analysis_id(kind: str, model: str, parent: str | None, settings: Any, inputs: Any = None) -> str:
     """16 hex digits of sha256 over the stage, model, parent analysis, settings and other inputs (SAEs)."""
     blob = json.dumps({"kind": kind, "model": model, "parent": parent, "settings": settings.hashed(),

@@ -19,13 +19,15 @@ generation, and judged by the stage-2 judge: one extraction run per k, plus one 
 Equal feature counts: (1) `matched_k`, the k whose mean O'Brien set size is nearest the stage-2 sets'
 mean size, read off the sweep; (2) kind `obrien_size`: on each stage-2 prompt, O'Brien et al.'s ranking
 (features by counted tokens, ties by summed activation) cut to that prompt's stage-2 set size, ablated
-and judged, and compared with the stage-2 set on the same prompt.
+and judged, and compared with the stage-2 set on the same prompt. Its ASR counts every stage-2 prompt
+taken (up to `max_prompts`), refused in the clean run or not, as the stage-2 and random rows do.
 
 The random controls (each prompt's selected stage-2 set vs as many random features active on it, and vs
 random active features from the same activation quantiles) are made by prune.py and read from
 `set_checks` (kinds 'random', 'random_magnitude', selected), not recomputed; the selected sets
 themselves (kind 'set') are shown beside them. Every comparison of the stage-2 sets with a control on the
-same prompts gets McNemar's exact test and Newcombe's paired interval (`paired_tests`). Tables:
+same prompts gets McNemar's exact test and Newcombe's paired interval (`paired_tests`), over exactly the
+prompts its two ASR rows count. Tables:
 `control_results`, `control_asr` (0009; ci_low, ci_high: 0013), `paired_tests` (0013).
 """
 
@@ -39,7 +41,7 @@ import polars as pl
 
 from analyze import catalog
 from analyze.catalog import latest_analysis, save_analysis
-from analyze.common import Feature, Log, ablation, analysis_id, evaluate, load_saes, no_log, stored_prompts
+from analyze.common import Feature, Log, ablation, analysis_id, model_key, evaluate, load_saes, no_log, stored_prompts
 from analyze.judges import Judge, get_judge, judge_run
 from extract.chat import ROLES
 from extract.datasets import Prompt
@@ -70,10 +72,12 @@ GROUP BY kind ORDER BY kind
 """
 
 
-# per prompt of the prune analysis: whether its selected set and each control jailbroke it
+# per prompt of the prune analysis (of those given, as in STAGE2_CHECKS_SQL): whether its selected set and each
+# control jailbroke it
 STAGE2_FLAGS_SQL = """
 SELECT prompt_id, kind, bool_or(jailbroken) AS jailbroken, max(n_features) AS n_features
-FROM set_checks WHERE set_id = ? AND stage = 2 AND selected GROUP BY prompt_id, kind ORDER BY prompt_id, kind
+FROM set_checks WHERE set_id = ? AND stage = 2 AND selected AND list_contains(?, prompt_id)
+GROUP BY prompt_id, kind ORDER BY prompt_id, kind
 """
 
 POPULATIONS = ("refused", "stage2")
@@ -86,7 +90,6 @@ class ControlsSettings(JudgedPromptSettings):
     roles: tuple[str, ...] = ("user", "post_instruction")   # the tokens counted: the harmful prompt
     judge: str | None = None                     # None: the stage-2 analysis' judge
     generate: int | None = None                  # completion tokens; None: the stage-2 analysis' value
-    batch_size: int = 32                         # rows per forward
     # refused: every prompt stage 1 took from its evaluation split (ASR over those refused clean), as the paper
     # reports the baseline; stage2: only the prompts stage 1 broke (what this module did before issue 15)
     population: str = "refused"
@@ -124,29 +127,32 @@ def run(store: Store, model: LoadedModel, settings: ControlsSettings = ControlsS
     everyone = evaluation_prompts(store, prune) if settings.population == "refused" else stage2
     prompts = everyone[:settings.max_prompts]
     saes = stage2_saes(store, model, prune)
-    cid = analysis_id("controls", model.name, prune_id, settings,
+    cid = analysis_id("controls", model_key(model), prune_id, settings,
                       {"saes": {str(s.layer): s.source for s in saes}, "judge": judge.judge_id, "generate": generate})
     log(f"counting active features on {len(prompts)} prompts ({settings.population}; "
         f"{'+'.join(settings.roles)} tokens)")
     act_run, counts = token_counts(store, model, everyone, saes, settings.roles)
-    check = _Checker(store, model, saes, judge, generate if judge.needs_completion else 0, settings.batch_size, log)
+    check = _Checker(store, model, saes, judge, generate if judge.needs_completion else 0, settings.batch_size, log,
+                     catalog.ablates_first(store, prune_id))
     frames = [check("clean", 0, prompts, [set()] * len(prompts))]
     for k in settings.ks:
         sets = obrien_sets(counts, len(prompts), k)
         log(f"k = {k}: ablating {min(map(len, sets))}..{max(map(len, sets))} features per prompt")
         frames.append(check("obrien", k, prompts, sets))
     sizes = stage2_sizes(store, prune_id)
-    matched = [(i, p) for i, p in enumerate(prompts) if p.prompt_id in sizes]
+    stage2_ids = {p.prompt_id for p in stage2}
+    matched = [(i, p) for i, p in enumerate(prompts) if p.prompt_id in stage2_ids]   # the stage-2 rows' prompts
     if matched:
         log(f"O'Brien et al. at the stage-2 sets' size on {len(matched)} stage-2 prompts")
         frames.append(check("obrien_size", 0, [p for _, p in matched],
-                            size_matched_sets(counts, [i for i, _ in matched], [sizes[p.prompt_id] for _, p in matched])))
+                            size_matched_sets(counts, [i for i, _ in matched],
+                                              [sizes.get(p.prompt_id, 0) for _, p in matched])))
     refused = frames[0].select("prompt_id", (pl.col("verdict") == "refusal").alias("refused_clean"))
     results = pl.concat(frames).join(refused, on="prompt_id").with_columns(pl.lit(cid).alias("controls_id"))
     asr = pl.concat([obrien_asr(results), stage2_asr(store, prune_id, [p.prompt_id for p in prompts])],
                     how="vertical_relaxed")
     asr = with_ci(asr).with_columns(pl.lit(cid).alias("controls_id"))
-    paired = paired_tests(store, prune_id, results)
+    paired = paired_tests(store, prune_id, results, [p.prompt_id for p in prompts])
     summary = _summary(results, asr, act_run, settings, paired, len(stage2))
     save_analysis(store, cid, "controls", model.name, prune_id, judge.judge_id, settings, summary,
                   {"control_results": ("controls_id", results), "control_asr": ("controls_id", asr),
@@ -176,7 +182,7 @@ def evaluation_prompts(store: Store, prune: dict[str, Any]) -> list[Prompt]:
 
 
 def stage2_sizes(store: Store, prune_id: str) -> dict[str, int]:
-    """prompt_id -> the size of its selected stage-2 set."""
+    """prompt_id -> the size of its selected stage-2 set (absent: an empty set, which has no feature_sets rows)."""
     df = store.sql("SELECT prompt_id, count(*) AS n FROM feature_sets WHERE set_id = ? AND stage = 2 AND selected "
                    "GROUP BY prompt_id", [prune_id])
     return {p: int(n) for p, n in df.iter_rows()}
@@ -221,7 +227,8 @@ def size_matched_sets(counts: pl.DataFrame, items: Sequence[int], sizes: Sequenc
 
 @dataclass(frozen=True)
 class _Checker:
-    """Each prompt with its set zero-ablated at every position, one extraction run per call, judged."""
+    """Each prompt with its set zero-ablated at every position (position 0 only when `first`: the prune
+    analysis' rule, so the baselines are ablated as the stage-2 sets were), one extraction run per call, judged."""
 
     store: Store
     model: LoadedModel
@@ -230,11 +237,12 @@ class _Checker:
     generate: int
     batch_size: int
     log: Log
+    first: bool = True
 
     def __call__(self, kind: str, k: int, prompts: Sequence[Prompt], sets: Sequence[set[Feature]]) -> pl.DataFrame:
         settings = ExtractSettings(positions="last:1", generate=self.generate, batch_size=self.batch_size,
                                    sae_rows=False)
-        done = evaluate(self.store, self.model, prompts, [ablation(sorted(s)) for s in sets], self.saes, settings,
+        done = evaluate(self.store, self.model, prompts, [ablation(sorted(s), self.first) for s in sets], self.saes, settings,
                         log=self.log)
         verdicts = judge_run(self.store, done.run_id, self.judge)["verdict"].to_numpy()[done.items]
         return pl.DataFrame({
@@ -247,13 +255,17 @@ class _Checker:
 # ---- summaries --------------------------------------------------------------------------------
 
 def obrien_asr(results: pl.DataFrame) -> pl.DataFrame:
-    """Per O'Brien kind and k: prompts refused without intervention, how many the ablation jailbreaks, mean size."""
-    refused = pl.col("refused_clean")
+    """Per O'Brien kind and k: the prompts counted, how many the ablation jailbreaks, mean size.
+
+    Kind obrien counts the prompts refused without intervention (the paper's denominator); kind obrien_size
+    counts every stage-2 prompt it ran on, as the stage-2 and random rows beside it do (prune's checks, not
+    this clean run's verdicts), so its paired test with the stage-2 sets is over exactly the prompts both count."""
+    counted = pl.col("refused_clean") | (pl.col("kind") == "obrien_size")
     return (results.filter(pl.col("kind").is_in(["obrien", "obrien_size"])).group_by("kind", "k")
-            .agg(refused.sum().cast(pl.Int32).alias("n_prompts"),
-                 pl.col("jailbroken").filter(refused).sum().cast(pl.Int32).alias("n_jailbroken"),
-                 pl.col("jailbroken").filter(refused).mean().cast(pl.Float32).alias("asr"),
-                 pl.col("n_features").filter(refused).mean().cast(pl.Float32).alias("mean_features"))
+            .agg(counted.sum().cast(pl.Int32).alias("n_prompts"),
+                 pl.col("jailbroken").filter(counted).sum().cast(pl.Int32).alias("n_jailbroken"),
+                 pl.col("jailbroken").filter(counted).mean().cast(pl.Float32).alias("asr"),
+                 pl.col("n_features").filter(counted).mean().cast(pl.Float32).alias("mean_features"))
             .sort("kind", "k"))
 
 
@@ -272,10 +284,12 @@ def with_ci(asr: pl.DataFrame) -> pl.DataFrame:
                             pl.Series("ci_high", [c["ci_high"] for c in cis], pl.Float64))
 
 
-def paired_tests(store: Store, prune_id: str, results: pl.DataFrame) -> list[tuple[str, str, int, Paired]]:
+def paired_tests(store: Store, prune_id: str, results: pl.DataFrame,
+                 prompt_ids: list[str]) -> list[tuple[str, str, int, Paired]]:
     """The stage-2 sets against each control judged on the same prompts: the size-matched O'Brien sets (from
-    this analysis) and the random controls (from the prune analysis' set_checks)."""
-    flags = store.sql(STAGE2_FLAGS_SQL, [prune_id])
+    this analysis) and the random controls (from the prune analysis' set_checks), over the stage-2 prompts
+    among `prompt_ids`: those the stage-2, random and obrien_size ASR rows count."""
+    flags = store.sql(STAGE2_FLAGS_SQL, [prune_id, prompt_ids])
     sets = flags.filter(pl.col("kind") == "set").select("prompt_id", pl.col("jailbroken").alias("stage2"))
     others = {kind: flags.filter(pl.col("kind") == kind).select("prompt_id", "jailbroken")
               for kind in ("random", "random_magnitude")}

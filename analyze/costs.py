@@ -35,7 +35,7 @@ import numpy as np
 import polars as pl
 
 from analyze import catalog
-from analyze.common import Feature, Log, ablation, no_log, split_prompts
+from analyze.common import Feature, Log, ablation, model_key, no_log, split_prompts
 from analyze.judges import Judge, get_judge, judge_run
 from extract.datasets import Prompt, load_prompts, text_windows
 from extract.interventions import Intervention
@@ -49,6 +49,7 @@ from analyze.text import fmt, frame_text
 
 CONDITIONS = ("baseline", "direction_ablation", "feature_ablation")
 TEXT_DATASET = "wikitext2-eval"
+LOSS_BATCH_SIZE = 8           # rows per loss forward: CE needs logits at every position, [batch, seq, vocab]
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,6 @@ class CostsSettings(JudgedPromptSettings):
     n_xstest: int = 250                   # XSTest safe prompts for over-refusal (0: skip)
     stage: int = 2                        # which per-prompt feature sets to ablate (max_prompts: the first N)
     conditions: tuple[str, ...] = CONDITIONS
-    batch_size: int = 8                   # loss needs logits at every position: [batch, seq, vocab]
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,9 +67,8 @@ class CostsSettings(JudgedPromptSettings):
         for name in ("n_alpaca", "n_text", "n_xstest"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("window", "batch_size"):
-            if getattr(self, name) < 2:
-                raise UsageError(f"{name} must be >= 2, got {getattr(self, name)}")
+        if self.window < 2:
+            raise UsageError(f"window must be >= 2, got {self.window}")
         if self.n_xstest and self.generate < 1:
             raise UsageError("over-refusal needs completions: generate must be >= 1 (or n_xstest = 0)")
         unknown = set(self.conditions) - set(CONDITIONS)
@@ -97,13 +96,15 @@ class _Condition:
 def run(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings: CostsSettings,
         direction: Sequence[float] | None = None,
         feature_sets: Mapping[str, Sequence[Feature]] | None = None,
-        judge: Judge | None = None, log: Log = no_log) -> CostsResult:
-    """CE loss and over-refusal per condition, stored in `costs` (direction and sets default to the store's)."""
+        judge: Judge | None = None, log: Log = no_log, sets_from: str | None = None) -> CostsResult:
+    """CE loss and over-refusal per condition, stored in `costs` (direction and sets default to the store's).
+
+    `sets_from`: the analysis that found `feature_sets`; its position-0 rule is how they are ablated."""
     judge = judge or get_judge(settings.judge)
-    conditions, skipped = _conditions(store, model, settings, direction, feature_sets)
+    conditions, skipped = _conditions(store, model, settings, direction, feature_sets, sets_from)
     if not conditions:
         raise UsageError("nothing to measure: " + "; ".join(f"{c}: {why}" for c, why in skipped.items()))
-    costs_id = _costs_id(model.name, settings, conditions, judge.judge_id)
+    costs_id = _costs_id(model_key(model), settings, conditions, judge.judge_id)
     samples = _samples(model, settings)
     rows = []
     for cond in conditions:
@@ -133,7 +134,8 @@ def _samples(model: LoadedModel, settings: CostsSettings) -> _Samples:
 
 
 def _conditions(store: Store, model: LoadedModel, settings: CostsSettings, direction: Sequence[float] | None,
-                feature_sets: Mapping[str, Sequence[Feature]] | None) -> tuple[list[_Condition], dict[str, str]]:
+                feature_sets: Mapping[str, Sequence[Feature]] | None,
+                sets_from: str | None = None) -> tuple[list[_Condition], dict[str, str]]:
     out, skipped = [], {}
     if "baseline" in settings.conditions:
         out.append(_Condition("baseline", [Intervention()], [None]))
@@ -145,7 +147,10 @@ def _conditions(store: Store, model: LoadedModel, settings: CostsSettings, direc
         else:
             out.append(_Condition("direction_ablation", [Intervention(direction_ablate=vector)], [None]))
     if "feature_ablation" in settings.conditions:
-        sets = dict(feature_sets) if feature_sets is not None else catalog.newest_feature_sets(store, model.name, settings.stage)
+        if feature_sets is None:
+            sets_from, feature_sets = catalog.newest_feature_sets_of(store, model.name, settings.stage)
+        sets = dict(feature_sets)
+        first = catalog.ablates_first(store, sets_from)
         sets = {p: s for p, s in sorted(sets.items()) if s}
         if settings.max_prompts is not None:
             sets = dict(list(sets.items())[:settings.max_prompts])
@@ -153,7 +158,7 @@ def _conditions(store: Store, model: LoadedModel, settings: CostsSettings, direc
             skipped["feature_ablation"] = (f"no stage-{settings.stage} feature sets for {model.name} in the store; "
                                            f"run `python cli.py analyze prune --model {model.name}`")
         else:
-            out.append(_Condition("feature_ablation", [ablation(s) for s in sets.values()], list(sets)))
+            out.append(_Condition("feature_ablation", [ablation(s, first) for s in sets.values()], list(sets)))
     return out, skipped
 
 
@@ -176,7 +181,7 @@ def _measure(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings:
         if not prompts:
             continue
         log(f"  {corpus}: {len(prompts) * len(cond.specs)} items")
-        run_id, per_spec = loss_run(store, model, refs, cond.specs, prompts, settings.batch_size, raw)
+        run_id, per_spec = loss_run(store, model, refs, cond.specs, prompts, raw)
         for spec_hash, ce, n, n_tok in per_spec.iter_rows():
             by_spec[spec_hash].update({f"ce_{corpus}": ce, f"n_{corpus}": n, f"n_{corpus}_tokens": n_tok,
                                        f"{corpus}_run_id": run_id})
@@ -198,13 +203,13 @@ def _measure(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings:
 
 
 def loss_run(store: Store, model: LoadedModel, saes: Sequence[SaeRef], specs: Sequence[Intervention],
-             prompts: Sequence[Prompt], batch_size: int, raw: bool = False) -> tuple[str, pl.DataFrame]:
+             prompts: Sequence[Prompt], raw: bool = False) -> tuple[str, pl.DataFrame]:
     """One loss run of every (spec, prompt) pair: its run id and, per spec_hash, ce (nats), n, n_tokens.
 
     Chat-formatted prompts score their instruction (user) tokens; `raw` texts score every token."""
     pairs = [(p, s) for s in specs for p in prompts]
     items = make_items(model, [p for p, _ in pairs], [s for _, s in pairs], raw=raw)
-    loss = ExtractSettings(positions="last:1", loss=True, batch_size=batch_size, sae_rows=False)
+    loss = ExtractSettings(positions="last:1", loss=True, batch_size=LOSS_BATCH_SIZE, sae_rows=False)
     run_id = extract(store, model, items, saes, loss).run_id
     return run_id, _ce_by_spec(store, run_id)
 

@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from analyze.common import Log, analysis_id, evaluate, no_log, rate, split_prompts
+from analyze.common import Log, analysis_id, model_key, evaluate, no_log, rate, split_prompts
 from analyze.catalog import save_analysis
 from extract.models import readout_logits
 from analyze.judges import Judge, PhraseJudge, get_judge, judge_run
@@ -73,7 +73,7 @@ class DirectionResult:
 def run(store: Store, model: LoadedModel, settings: DirectionSettings, log: Log = no_log) -> DirectionResult:
     """Directions at every layer, their ablation ASR on held-out prompts, l*, controls; saved in `directions`."""
     judge = get_judge(settings.judge)
-    did = analysis_id("direction", model.name, None, settings)
+    did = analysis_id("direction", model_key(model), None, settings)
     candidates = _candidate_layers(settings.layers, model.n_layers)
     n = settings.n_train
     train = split_prompts(settings.harmful, "train", n, settings.seed) + \

@@ -210,23 +210,60 @@ def _stage3(store: Store) -> list[Finding]:
                  judge_label(fm.judge) if fm else "",
                  "Not testable here: the paper states no denominator for its 372." if fm
                  else "Not testable here: no stage-3 sweep (`python cli.py analyze stage3`).")]
-    red = (store.sql("SELECT analysis_id, judge FROM redundancy_analyses ORDER BY created_at DESC LIMIT 1")
-           if _has_table(store, "redundancy_analyses") else pl.DataFrame())
-    alone = judged(store, "SELECT run_id, item, verdict FROM redundancy_ablations WHERE analysis_id = ? AND kind = 'stage3'",
-                   [red["analysis_id"][0]], red["judge"][0]) if red.height else None
+    alone, source = _stage3_alone(store, a)
     paper = paper_figures()["stage3_alone"]["value"]
-    rows.append(_row("stage3_alone", alone.text() if alone else "not run", judge_label(alone.judge) if alone else "",
+    rows.append(_row("stage3_alone", alone.text() + source if alone else "not run",
+                     judge_label(alone.judge) if alone else "",
                      _verdict_rate(alone, paper["k"] / paper["n"],
-                                   "no stage-3-only ablation (`python cli.py analyze redundancy`)")))
+                                   "no stage-3-only ablation (`python cli.py analyze stage3`)")))
     metrics = json.loads(a["metrics"]) if a and a["metrics"] else {}
     acc = {m: metrics.get(f"{m}_accuracy", {}).get("test") for m in ("fm", "probe")}
     if None in acc.values():
         return rows + [_row("fm_vs_probe", "not run", "", "Not testable here: no stage-3 fit (`python cli.py analyze stage3`).")]
     counted = {m: c for m in ("fm", "probe") if (c := _sweep_rate(store, a, best, m))}
     asr = [f"{m} {c.text()} at K = {best[m]}" for m, c in counted.items()]
-    text = f"test accuracy FM {acc['fm']:.3f}, probe {acc['probe']:.3f} (n test not stored); best ASR " + ", ".join(asr)
+    text = f"test accuracy {_accuracy_text(store, metrics, acc)}; best ASR " + ", ".join(asr)
     judges = "; ".join(sorted({judge_label(c.judge) for c in counted.values()}))
     return rows + [_row("fm_vs_probe", text, judges, no_paper)]
+
+
+def _accuracy_text(store: Store, metrics: dict[str, Any], acc: dict[str, float]) -> str:
+    """FM and probe test accuracy, each with a Wilson 95% interval over the test prompts (a prompt's n_last rows
+    are not independent, so the prompt is the unit: wider than an interval over rows)."""
+    n = None
+    if metrics.get("fm_model_id"):
+        found = store.sql("SELECT CAST(json_extract(data, '$.n_prompts.test') AS INTEGER) AS n FROM fm_models "
+                          "WHERE model_id = ?", [metrics["fm_model_id"]])
+        n = int(found["n"][0]) if found.height and found["n"][0] is not None else None
+    if not n:
+        return f"FM {acc['fm']:.3f}, probe {acc['probe']:.3f} (n test not stored)"
+    parts = []
+    for name, key in (("FM", "fm"), ("probe", "probe")):
+        low, high = wilson(round(acc[key] * n), n)
+        parts.append(f"{name} {acc[key]:.3f} [{low:.3f}, {high:.3f}]")
+    return ", ".join(parts) + f" (n = {n} test prompts, Wilson over prompts)"
+
+
+ALONE_SWEEP_SQL = "SELECT run_id, item, verdict FROM stage3_outcomes WHERE sweep_id = ? AND ranker = 'stage3_alone'"
+ALONE_REDUNDANCY_SQL = "SELECT run_id, item, verdict FROM redundancy_ablations WHERE analysis_id = ? AND kind = 'stage3'"
+
+
+def _stage3_alone(store: Store, sweep: dict[str, Any] | None) -> tuple[Counted | None, str]:
+    """Each prompt's stage-3 set ablated without stage 2, and where the count comes from ("" for the sweep).
+
+    The stage-3 sweep's `stage3_alone` ranker is the paper's quantity (its 330 of 372); the redundancy
+    analysis' stage-3-only ablation is read only where the newest sweep has none (made before migration 0013)."""
+    if sweep is not None:
+        alone = judged(store, ALONE_SWEEP_SQL, [sweep["analysis_id"]], sweep["judge"])
+        if alone is not None:
+            return alone, ""
+    if not _has_table(store, "redundancy_analyses"):
+        return None, ""
+    red = store.sql("SELECT analysis_id, judge FROM redundancy_analyses ORDER BY created_at DESC LIMIT 1")
+    if red.is_empty():
+        return None, ""
+    alone = judged(store, ALONE_REDUNDANCY_SQL, [red["analysis_id"][0]], red["judge"][0])
+    return alone, " (from the redundancy analysis: the stage-3 sweep has no stage3_alone rows)"
 
 
 def _best_k(store: Store, sweep_id: str) -> dict[str, int]:
@@ -319,22 +356,49 @@ def _clamping(store: Store) -> list[Finding]:
                  "Not testable here: the paper gives example completions, not a rate; here no clamp adds a refusal.")]
 
 
+CORPORA = {"alpaca": "Alpaca", "text": "WikiText-2"}
+# the paired difference to the baseline and its bootstrap 95% interval (migration 0013, analyze/costs.py::_differences)
+DIFF_COLUMNS = tuple(f"ce_{corpus}_diff{end}" for corpus in CORPORA for end in ("", "_low", "_high"))
+
+
 def _costs(store: Store) -> list[Finding]:
     if not _has_table(store, "costs"):
         return []
-    c = store.sql("SELECT condition, ce_alpaca, n_alpaca, ce_text, n_text FROM costs WHERE set_prompt_id IS NULL AND "
-                  "costs_id = (SELECT costs_id FROM costs ORDER BY created_at DESC LIMIT 1)")
+    stored = set(store.sql("SELECT column_name FROM information_schema.columns WHERE table_name = 'costs'")["column_name"])
+    diffs = ", ".join(c if c in stored else f"NULL AS {c}" for c in DIFF_COLUMNS)   # a store from before 0013
+    c = store.sql(f"SELECT condition, ce_alpaca, n_alpaca, ce_text, n_text, {diffs} FROM costs WHERE set_prompt_id IS NULL "
+                  "AND costs_id = (SELECT costs_id FROM costs ORDER BY created_at DESC LIMIT 1)")
     base = c.filter(pl.col("condition") == "baseline")
     if base.is_empty():
         return [_row("ce_delta", "not run", "", "Not testable here: no costs analysis (`python cli.py analyze costs`).")]
-    parts = []
-    for row in c.filter(pl.col("condition") != "baseline").iter_rows(named=True):
-        d_a = row["ce_alpaca"] - base["ce_alpaca"][0] if row["ce_alpaca"] is not None else None
-        d_t = row["ce_text"] - base["ce_text"][0] if row["ce_text"] is not None else None
-        parts.append(f"{row['condition']} {_signed(d_a)} Alpaca (n = {row['n_alpaca']}) / {_signed(d_t)} "
-                     f"WikiText-2 (n = {row['n_text']}) nats")
-    return [_row("ce_delta", "; ".join(parts) + "; no interval stored", "",
+    rows = list(c.filter(pl.col("condition") != "baseline").iter_rows(named=True))
+    parts = [f"{row['condition']} " + " / ".join(f"{_ce_delta(row, base.row(0, named=True), corpus)} {name} "
+                                                 f"(n = {row[f'n_{corpus}']})" for corpus, name in CORPORA.items())
+             + " nats" for row in rows]
+    return [_row("ce_delta", "; ".join(parts) + f"; {_interval_note(rows)}", "",
                  "Not testable here: the paper's Table 9 values are not known to this project.")]
+
+
+def _interval_note(rows: list[dict[str, Any]]) -> str:
+    """Which of the differences carry their paired bootstrap interval."""
+    measured = [(row, corpus) for row in rows for corpus in CORPORA if row[f"ce_{corpus}"] is not None]
+    n_ci = sum(_has_interval(row, corpus) for row, corpus in measured)
+    if n_ci == 0:
+        return "no interval stored"
+    return "paired bootstrap 95% intervals" + ("" if n_ci == len(measured) else " where shown, none stored for the others")
+
+
+def _ce_delta(row: dict[str, Any], base: dict[str, Any], corpus: str) -> str:
+    """The stored paired difference with its interval; without one (an old store), row minus baseline."""
+    if _has_interval(row, corpus):
+        return (f"{row[f'ce_{corpus}_diff']:+.3f} "
+                f"[{row[f'ce_{corpus}_diff_low']:+.3f}, {row[f'ce_{corpus}_diff_high']:+.3f}]")
+    ce = row[f"ce_{corpus}"]
+    return _signed(ce - base[f"ce_{corpus}"] if ce is not None and base[f"ce_{corpus}"] is not None else None)
+
+
+def _has_interval(row: dict[str, Any], corpus: str) -> bool:
+    return all(row[f"ce_{corpus}_diff{end}"] is not None for end in ("", "_low", "_high"))
 
 
 def _signed(x: float | None) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 from analyze import candidates, catalog, controls, costs, direction, prune, redundancy, report, stage3, taxonomy
 from analyze.candidates import CandidateSettings
-from analyze.common import Log, no_log
+from analyze.common import Log, model_key, no_log
 from analyze.controls import ControlsSettings
 from analyze.costs import CostsSettings
 from analyze.direction import DirectionSettings
@@ -104,9 +104,10 @@ def read_profile(name_or_path: str | Path, n_layers: int) -> dict[str, Any]:
     return _resolve_layers(raw, n_layers)
 
 
-def check_profile(name_or_path: str | Path) -> None:
-    """Read and type-check a profile before any model loads (layers resolve for the model's depth later)."""
-    PipelineSettings.from_dict(read_profile(name_or_path, n_layers=24))
+def check_profile(name_or_path: str | Path) -> PipelineSettings:
+    """Read and type-check a profile before any model loads (layers resolve for the model's depth later: these
+    settings resolve them for a depth of 24, so read only what does not depend on it, such as `workers`)."""
+    return PipelineSettings.from_dict(read_profile(name_or_path, n_layers=24))
 
 
 def _resolve_layers(raw: Any, n_layers: int) -> Any:
@@ -213,7 +214,7 @@ def _stage(ctx: _Context, name: str, plan: _Plan, done: dict[str, StageOutcome],
            resume_only: bool) -> StageOutcome:
     if plan.execute is None:
         return StageOutcome(name, "skipped", plan.skip, 0.0)
-    key = stage_key(name, ctx.model.name, plan.settings, {s: done[s].result_id for s in READS[name]})
+    key = stage_key(name, model_key(ctx.model), plan.settings, {s: done[s].result_id for s in READS[name]})
     found = None if forced else _recorded(ctx.store, name, ctx.model.name, key)
     if found is not None:
         return found
@@ -390,7 +391,7 @@ def _run_costs(ctx: _Context, s: CostsSettings, direction_id: str, set_id: str |
     vector = direction.load_direction(ctx.store, direction_id)[1]
     sets = catalog.feature_sets(ctx.store, set_id, s.stage) if set_id else {}
     saes = resolve_saes(ctx.store, ctx.model, specs, "") if "feature_ablation" in s.conditions and sets else []
-    r = costs.run(ctx.store, ctx.model, saes, s, direction=vector, feature_sets=sets, log=ctx.log)
+    r = costs.run(ctx.store, ctx.model, saes, s, direction=vector, feature_sets=sets, log=ctx.log, sets_from=set_id)
     return r.costs_id, {}, costs.summary_line(r)
 
 

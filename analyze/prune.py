@@ -46,7 +46,8 @@ import polars as pl
 
 from analyze import catalog
 from analyze.catalog import latest_analysis, save_analysis
-from analyze.common import Evaluated, Feature, Log, ablation, analysis_id, evaluate, load_saes, no_log, stored_prompts
+from analyze.common import (Evaluated, Feature, Log, ablation, analysis_id, evaluate, load_saes, model_key, no_log,
+                            stored_prompts)
 from analyze.judges import Judge, get_judge, judge_run
 from extract.datasets import Prompt
 from extract.models import LoadedModel
@@ -70,7 +71,6 @@ class PruneSettings(JudgedPromptSettings):
     seeds: tuple[int, ...] = (0, 1, 2)
     pool: str = "candidates"             # candidates: C_K as stage 1 ablated it; active: C_K ∩ latents
                                          # active on the prompt (clean run, any position)
-    batch_size: int = 32                 # rows per forward in the lockstep runs
     dedupe: bool = True                  # identical (prompt, set) rows of a step share one forward
     control_seed: int = 0
     variant: str = "prose"               # prose: accepted blocks stay ablated; literal: the pseudocode as printed
@@ -149,11 +149,19 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
                          "run `analyze candidates` with more prompts or larger K")
     excluded = set(cand["settings"].get("exclude_layers", ()))
     saes = [s for s in load_saes(store, model, cand["settings"].get("saes", ())) if s.layer not in excluded]
-    pid = analysis_id("prune", model.name, cand["analysis_id"], settings)
+    attribution_id = (latest_analysis(store, "attribution", model.name, settings.attribution_id)["analysis_id"]
+                      if settings.order != "random" else None)      # the scores that order the blocks: an input
+    pid = analysis_id("prune", model_key(model), cand["analysis_id"], settings,
+                      {"attribution_id": attribution_id} if attribution_id else None)
     prompts = stored_prompts(store, chosen["prompt_id"].to_list())
     pools = _stage1_sets(store, cand["analysis_id"], prompts)
     active = _active_features(store, model, prompts, saes)
     p_full = chosen["p_i"].to_numpy().astype(np.float64)
+    stage1_first = cand["settings"].get("ablate_first", True)
+    if settings.pool == "candidates" and stage1_first != settings.ablate_first:
+        # P(C) is stage 1's, measured with its own position-0 rule: the blocks must be ablated the same way
+        raise UsageError(f"stage 1 ({cand['analysis_id']}) ablated {'with' if stage1_first else 'without'} position "
+                         f"0, so prune must too: give both the same --ablate-first/--no-ablate-first")
     if settings.pool == "active":
         pools = [pool & act for pool, act in zip(pools, active)]
         p_full = evaluate(store, model, prompts, [ablation(sorted(p), settings.ablate_first) for p in pools],
@@ -163,7 +171,7 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
     scores = None
     if settings.order != "random":
         from analyze.attribution import importance
-        attribution_id, by_prompt = importance(store, model.name, settings.attribution_id, [p.prompt_id for p in prompts])
+        _, by_prompt = importance(store, model.name, attribution_id, [p.prompt_id for p in prompts])
         scores = [by_prompt[p.prompt_id] for p in prompts]
     trace = lockstep_prune(store, model, saes, prompts, pools, p_full, settings, log, scores)
     sets = minimal_sets(trace.kept, len(prompts), settings)

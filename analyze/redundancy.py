@@ -39,8 +39,8 @@ from typing import Any
 import polars as pl
 
 from analyze import clamping
-from analyze.common import Feature, Log, ablation, analysis_id, no_log, stored_prompts
-from analyze.catalog import latest_analysis
+from analyze.common import Feature, Log, ablation, analysis_id, model_key, no_log, stored_prompts
+from analyze.catalog import ablates_first, latest_analysis
 from analyze.judges import Judge, get_judge, judge_run
 from extract.chat import ROLES
 from extract.datasets import Prompt
@@ -118,11 +118,11 @@ def run(store: Store, model: LoadedModel, settings: RedundancySettings, log: Log
     s3 = stage_sets(store, stage3_id, 3).join(sets.select("prompt_id").unique(), on="prompt_id") \
         if stage3_id else sets.clear()
     saes = _sae_refs(store, model, settings, prune_id, stage3_id, _layers(sets) | _layers(s3))
-    aid = analysis_id("redundancy", model.name, prune_id, settings,
+    aid = analysis_id("redundancy", model_key(model), prune_id, settings,
                       {"stage3": stage3_id, "saes": {str(s.layer): s.source for s in saes}})
     prompts = stored_prompts(store, sets["prompt_id"].unique(maintain_order=True).to_list())
     s2_saes = [s for s in saes if s.layer in _layers(sets)]
-    runner = _Runner(store, model, judge, settings, log)
+    runner = _Runner(store, model, judge, settings, log, ablates_first(store, prune_id))
 
     log(f"item 1: clean run of {len(prompts)} prompts with stage-2 sets")
     clean = runner.judged("clean", prompts, [Intervention()] * len(prompts), s2_saes, [0] * len(prompts))
@@ -224,6 +224,7 @@ class _Runner:
     judge: Judge
     settings: RedundancySettings
     log: Log
+    first: bool = True                    # ablate at position 0 too: the prune analysis' rule (catalog.ablates_first)
 
     def judged(self, kind: str, prompts: Sequence[Prompt], specs: Sequence[Intervention], saes: Sequence[SaeRef],
                n_features: Sequence[int]) -> pl.DataFrame:
@@ -281,7 +282,7 @@ def hydra_ablations(runner: _Runner, prompts: Sequence[Prompt], features: pl.Dat
             plan.append((pid, "inactive", dormant))
             plan.append((pid, "active", [f for f in every if f not in dormant]))
     runs = [(pid, kind, fs) for pid, kind, fs in plan if fs]
-    done = runner.judged("ablations", [by_id[p] for p, _, _ in runs], [ablation(fs) for _, _, fs in runs], saes,
+    done = runner.judged("ablations", [by_id[p] for p, _, _ in runs], [ablation(fs, runner.first) for _, _, fs in runs], saes,
                          [len(fs) for _, _, fs in runs]).with_columns(pl.Series("kind", [k for _, k, _ in runs]))
     # the set without its dormant features may be empty: its ablation is the clean run
     empty = clean.join(pl.DataFrame({"prompt_id": [p for p, _, fs in plan if not fs]}, schema={"prompt_id": pl.String}),
@@ -369,7 +370,7 @@ def stage3_links(runner: _Runner, prompts: Sequence[Prompt], s3: pl.DataFrame, f
     by_id = {p.prompt_id: p for p in prompts}
     groups = [(pid, list(zip(g["layer"].to_list(), g["feature"].to_list())))
               for (pid,), g in s3.group_by("prompt_id", maintain_order=True)]
-    rows = runner.judged("stage3", [by_id[p] for p, _ in groups], [ablation(fs) for _, fs in groups], saes,
+    rows = runner.judged("stage3", [by_id[p] for p, _ in groups], [ablation(fs, runner.first) for _, fs in groups], saes,
                          [len(fs) for _, fs in groups])
     active = features.filter(~pl.col("inactive")).drop("item").join(rows.select("prompt_id", "item"), on="prompt_id")
     acts = set_acts(runner.store, rows["run_id"][0], active).group_by(_KEYS).agg(

@@ -23,10 +23,12 @@ import matplotlib
 
 matplotlib.use("Agg")                                  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from analyze import attribution_report, clamping, findings, rejudge, taxonomy  # noqa: E402
 from analyze.judge_eval import agreement_table  # noqa: E402
+from analyze.metrics import rate_ci  # noqa: E402
 from analyze.cards import CardSettings, FeatureCard, cards  # noqa: E402
 from store import Store, UsageError  # noqa: E402
 from store.settings import Settings
@@ -129,13 +131,36 @@ def render_section(store: Store, section: Section, settings: ReportSettings) -> 
         return Rendered(section.title, "not run", **meta)
     try:
         sql = section.sql(store) if callable(section.sql) else section.sql
-        frames = [store.sql(q) for q in sql]
+        frames = [with_intervals(store.sql(q)) for q in sql]
         if frames and all(f.is_empty() for f in frames):
             return Rendered(section.title, "not run", **meta)
         parts = section.render(store, frames, sql, settings)
     except Exception as err:                           # one broken section must not cost the whole report
         return Rendered(section.title, "error", [Note(f"this section failed: {type(err).__name__}: {err}")], **meta)
     return Rendered(section.title, "ok", parts, **meta)
+
+
+def with_intervals(df: pl.DataFrame) -> pl.DataFrame:
+    """The frame with the Wilson 95% interval of its `asr` (n_jailbroken of n_prompts, or of n_refused) as
+    ci_low / ci_high right after it, where the query gives the counts but no interval."""
+    if "asr" not in df.columns or "n_jailbroken" not in df.columns or "ci_low" in df.columns:
+        return df
+    n_col = next((c for c in ("n_prompts", "n_refused") if c in df.columns), None)
+    if n_col is None:
+        return df
+    counts = [(int(k), int(n)) if k is not None and n is not None else None
+              for k, n in zip(df["n_jailbroken"].to_list(), df[n_col].to_list())]
+    return _with_wilson(df, "asr", counts, ("ci_low", "ci_high"))
+
+
+def _with_wilson(df: pl.DataFrame, after: str, counts: list[tuple[int, int] | None],
+                 names: tuple[str, str]) -> pl.DataFrame:
+    """The frame with the Wilson 95% interval of each row's (k, n) as two columns right after `after`."""
+    cis = [rate_ci(*kn) if kn else {"ci_low": None, "ci_high": None} for kn in counts]
+    at = df.columns.index(after) + 1
+    out = df.with_columns(pl.Series(names[0], [c["ci_low"] for c in cis], pl.Float64),
+                          pl.Series(names[1], [c["ci_high"] for c in cis], pl.Float64))
+    return out.select(df.columns[:at] + list(names) + df.columns[at:])
 
 
 def _has_rows(store: Store, name: str) -> bool:
@@ -162,7 +187,8 @@ RUNS_SQL = """SELECT run_id, model, status, n_items, n_rows,
 FROM runs ORDER BY created_at"""
 
 DIRECTION_SQL = """-- the newest direction analysis of each model, one row per layer
-SELECT a.model, d.direction_id, d.layer, d.selected, d.evaluated, d.n_refused, d.asr, d.asr_phrase,
+SELECT a.model, d.direction_id, d.layer, d.selected, d.evaluated, d.n_refused,
+       CAST(round(d.asr * d.n_refused) AS INTEGER) AS n_jailbroken, d.asr, d.asr_phrase,
        d.mean_p_i, d.kl_harmless, d.cos_harmful, d.cos_harmful_std, d.cos_benign, d.cos_benign_std
 FROM directions d JOIN analyses a ON a.analysis_id = d.direction_id
 WHERE a.created_at = (SELECT max(created_at) FROM analyses b WHERE b.kind = 'direction' AND b.model = a.model)
@@ -184,15 +210,19 @@ SELECT set_id, tau, count(*) AS n_prompts, sum(jailbroken::INT) AS n_jailbroken,
 FROM set_checks WHERE stage = 2 AND kind = 'set' GROUP BY set_id, tau ORDER BY set_id, tau"""
 
 STAGE2_SELECTED_SQL = """-- the reported stage-2 set per prompt (the largest tau whose set jailbreaks)
-SELECT set_id, count(*) AS n_prompts, avg(n) AS mean_set_size, min(n) AS min_set_size, max(n) AS max_set_size
+SELECT set_id, count(*) AS n_prompts, avg(n) AS mean_set_size, stddev_samp(n) AS std_set_size, min(n) AS min_set_size,
+       max(n) AS max_set_size
 FROM (SELECT set_id, prompt_id, count(*) AS n FROM feature_sets WHERE stage = 2 AND selected GROUP BY set_id, prompt_id)
 GROUP BY set_id ORDER BY set_id"""
 
-FM_MODELS_SQL = """SELECT model_id, kind, model, embedding, n_features, train_acc, val_acc, test_acc, best_epoch, mean_cosine
+FM_MODELS_SQL = """-- test_ci_low / test_ci_high: a Wilson 95% interval of test_acc over the test prompts (each prompt's n_last
+-- rows count as one unit, since they are not independent: wider than an interval over rows)
+SELECT model_id, kind, model, embedding, n_features, train_acc, val_acc, test_acc,
+       CAST(json_extract(data, '$.n_prompts.test') AS INTEGER) AS n_test_prompts, best_epoch, mean_cosine
 FROM fm_models ORDER BY created_at"""
 
 STAGE3_ASR_SQL = """-- ASR of ablating the stage-2 set plus the top-K features ranked by the FM or the linear probe
-SELECT sweep_id, ranker, k, n_prompts, n_jailbroken, asr FROM stage3_asr ORDER BY sweep_id, ranker, k"""
+SELECT sweep_id, ranker, k, n_prompts, n_jailbroken, asr, ci_low, ci_high FROM stage3_asr ORDER BY sweep_id, ranker, k"""
 
 REDUNDANCY_ABLATIONS_SQL = """-- each prompt's stage-2 set, its dormant (inactive) part and its active part, ablated and judged
 SELECT analysis_id, kind, count(*) AS n_prompts, sum(jailbroken::INT) AS n_jailbroken,
@@ -225,7 +255,8 @@ FROM set_checks WHERE selected GROUP BY set_id, stage, kind ORDER BY set_id, sta
 
 OBRIEN_SQL = """-- O'Brien et al.: ablating every SAE feature active on >= k of a prompt's tokens, ASR per k over the
 -- prompts refused without intervention; stage2 / random: the prune analysis' selected sets and their random control
-SELECT a.model, c.controls_id, a.parent_id AS prune_id, c.kind, c.k, c.n_prompts, c.n_jailbroken, c.asr, c.mean_features
+SELECT a.model, c.controls_id, a.parent_id AS prune_id, c.kind, c.k, c.n_prompts, c.n_jailbroken, c.asr, c.ci_low,
+       c.ci_high, c.mean_features
 FROM control_asr c JOIN analyses a ON a.analysis_id = c.controls_id
 ORDER BY a.created_at, c.controls_id, CASE c.kind WHEN 'obrien' THEN 0 WHEN 'stage2' THEN 1 ELSE 2 END, c.k"""
 
@@ -260,6 +291,14 @@ SELECT a.model, t.transfer_id, json_extract_string(a.metrics, '$.dataset') AS da
 FROM transfer_results t JOIN analyses a ON a.analysis_id = t.transfer_id
 ORDER BY a.created_at, t.transfer_id,
          CASE t.intervention WHEN 'none' THEN 0 WHEN 'direction' THEN 1 ELSE 2 END, t.matched_to NULLS FIRST"""
+
+
+PAIRED_SQL = """-- two conditions judged on the same prompts: the 2x2 table of jailbroken flags (a_only, b_only: the
+-- discordant pairs), the two-sided exact McNemar p and ASR(a) - ASR(b) with Newcombe's paired 95% interval
+SELECT an.kind AS analysis, p.analysis_id, p.a, p.b, p.k, p.n_pairs, p.n_both, p.n_a_only, p.n_b_only, p.n_neither,
+       p.p_value, p.diff, p.diff_low, p.diff_high
+FROM paired_tests p JOIN analyses an USING (analysis_id)
+ORDER BY an.created_at, p.analysis_id, p.a, p.b, p.k"""
 
 
 CARD_FEATURES_SQL = """-- the features of the stage-2 and stage-3 sets, most frequent first
@@ -297,12 +336,15 @@ def _render_asr(store, frames, sql, settings):
     df = frames[0].filter(pl.col("evaluated"))
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for (model,), g in df.group_by(["model"], maintain_order=True):
-        ax.plot(g["layer"].to_numpy(), g["asr"].to_numpy(), marker="o", label=f"{model} ASR")
+        asr = g["asr"].to_numpy()
+        err = np.stack([asr - g["ci_low"].to_numpy(), g["ci_high"].to_numpy() - asr])
+        ax.errorbar(g["layer"].to_numpy(), asr, yerr=err, marker="o", capsize=3, label=f"{model} ASR (Wilson 95%)")
         ax.plot(g["layer"].to_numpy(), g["asr_phrase"].to_numpy(), marker=".", linestyle="--", label=f"{model} ASR (phrase judge)")
     ax.set(xlabel="layer of the direction", ylabel="attack success rate", ylim=(0, 1.02),
            title="Directional ablation (every layer) of each layer's direction")
     ax.legend(fontsize=8)
-    cols = ["model", "layer", "selected", "n_refused", "asr", "asr_phrase", "mean_p_i", "kl_harmless"]
+    cols = ["model", "layer", "selected", "n_refused", "n_jailbroken", "asr", "ci_low", "ci_high", "asr_phrase",
+            "mean_p_i", "kl_harmless"]
     return [_figure(fig, "ASR per layer"), Table(df.select(cols), "", sql[0])]
 
 
@@ -319,11 +361,17 @@ def _render_stage1(store, frames, sql, settings):
 
 def _render_stage3(store, frames, sql, settings):
     asr = frames[1]
-    parts: list[Part] = [Table(frames[0], "fitted classifiers", sql[0])]
+    counts = [(round(a * n), n) if a is not None and n else None
+              for a, n in zip(frames[0]["test_acc"].to_list(), frames[0]["n_test_prompts"].to_list())]
+    models = _with_wilson(frames[0], "test_acc", counts, ("test_ci_low", "test_ci_high"))
+    parts: list[Part] = [Table(models, "fitted classifiers", sql[0])]
     if asr.height:
         fig, ax = plt.subplots(figsize=(7, 3.4))
         for (sweep, ranker), g in asr.group_by(["sweep_id", "ranker"], maintain_order=True):
-            ax.plot(g["k"].to_numpy(), g["asr"].to_numpy(), marker="o" if g.height < 30 else None, label=f"{ranker} ({sweep})")
+            y = g["asr"].to_numpy()
+            err = np.stack([y - g["ci_low"].to_numpy(), g["ci_high"].to_numpy() - y]) if g.height < 30 else None
+            ax.errorbar(g["k"].to_numpy(), y, yerr=err, marker="o" if g.height < 30 else None, capsize=3,
+                        label=f"{ranker} ({sweep}), Wilson 95%")
         ax.set(xlabel="K (features added to the stage-2 set)", ylabel="ASR", ylim=(0, 1.02), title="Stage 3: FM vs linear probe")
         ax.legend(fontsize=8)
         parts.append(_figure(fig, "stage 3 ASR by K"))
@@ -534,6 +582,8 @@ SECTIONS: list[Section] = [
             "python cli.py analyze prune"),
     Section("Controls: O'Brien et al. baseline (features active on >= k tokens)", (OBRIEN_SQL, OBRIEN_PROMPTS_SQL),
             _render_obrien, ("control_asr",), "python cli.py analyze controls"),
+    Section("Paired tests: two conditions on the same prompts (McNemar exact, Newcombe interval)", (PAIRED_SQL,),
+            _generic, ("paired_tests",), "python cli.py analyze prune / controls / stage3"),
     Section("Costs: cross-entropy loss", (COSTS_SQL,), _render_costs, ("costs",), "python cli.py analyze costs",
             "Table 9"),
     Section("Over-refusal on XSTest safe prompts", (OVER_REFUSAL_SQL,), _generic, ("costs",),

@@ -21,7 +21,10 @@ class JudgedSettings(Settings):
     # agrees best with labelled completions: kappa 0.70 vs content 0.50 on the gold test part (cli.py judge eval)
     judge: str = "rubric"
     generate: int = 64                    # greedy completion tokens for judges that read completions
-    batch_size: int = 16                  # rows per forward pass
+    # rows per forward pass. On a CPU a greedy decode step costs about the same for 16 rows as for 64 (the
+    # weights are read once per step either way; the prefill is compute-bound at any size), so generation runs
+    # go 1.59x faster at 64 than at 16, completions identical (bench/bench_generate.py, README benchmarks)
+    batch_size: int = 64
 
     def __post_init__(self) -> None:
         check_judge(self.judge)

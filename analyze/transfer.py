@@ -33,7 +33,7 @@ import polars as pl
 
 from analyze import catalog
 from analyze.direction import load_direction
-from analyze.common import Feature, Log, ablation, analysis_id, evaluate, no_log, split_prompts
+from analyze.common import Feature, Log, ablation, analysis_id, model_key, evaluate, no_log, split_prompts
 from analyze.controls import stage2_saes
 from analyze.costs import loss_run
 from analyze.judges import Judge, get_judge, judge_run
@@ -118,12 +118,12 @@ def run(store: Store, model: LoadedModel, settings: TransferSettings = TransferS
     direction, why = _direction(store, model.name, settings.direction_id)
     if why:
         skipped["direction"] = why
-    tid = analysis_id("transfer", model.name, prune_id, settings, {
+    tid = analysis_id("transfer", model_key(model), prune_id, settings, {
         **inputs, "direction": direction[0] if direction else None, "saes": {str(s.layer): s.source for s in saes},
         "judge": judge.judge_id, "generate": generate})
     log(f"transfer: {len(prompts)} held-out prompts of {settings.dataset} ({settings.split})")
     magnitudes = clean_magnitudes(store, model, prompts, saes)
-    arms = _arms(sets, direction, saes, magnitudes, settings)
+    arms = _arms(sets, direction, saes, magnitudes, settings, catalog.ablates_first(store, prune_id))
     judged = _judged(store, model, prompts, arms, saes, judge, generate if judge.needs_completion else 0,
                      settings.batch_size, log)
     ce = _ce(store, model, arms, saes, settings, log)
@@ -208,7 +208,10 @@ def clean_magnitudes(store: Store, model: LoadedModel, prompts: Sequence[Prompt]
 # ---- the interventions and their random controls -------------------------------------------------
 
 def _arms(sets: dict[str, tuple[Feature, ...]], direction: tuple[str, tuple[float, ...]] | None,
-          saes: Sequence[SaeRef], magnitudes: dict[Feature, float], settings: TransferSettings) -> list[_Arm]:
+          saes: Sequence[SaeRef], magnitudes: dict[Feature, float], settings: TransferSettings,
+          first: bool = True) -> list[_Arm]:
+    """The interventions and their controls; feature sets ablated at position 0 too when `first` (the rule
+    under which the prune analysis found them)."""
     arms = [_Arm("none", None, (), Intervention())]
     if direction is not None:
         arms.append(_Arm("direction", None, (), Intervention(direction_ablate=direction[1])))
@@ -217,8 +220,9 @@ def _arms(sets: dict[str, tuple[Feature, ...]], direction: tuple[str, tuple[floa
         rng = np.random.default_rng([settings.seed, k])
         count = random_count(features, d_sae, rng)
         active = random_active(features, magnitudes, d_sae, settings.n_bins, rng)
-        arms += [_Arm(name, None, features, ablation(features)), _Arm("random_count", name, count, ablation(count)),
-                 _Arm("random_active", name, active, ablation(active))]
+        arms += [_Arm(name, None, features, ablation(features, first)),
+                 _Arm("random_count", name, count, ablation(count, first)),
+                 _Arm("random_active", name, active, ablation(active, first))]
     return arms
 
 
@@ -276,7 +280,7 @@ def _ce(store: Store, model: LoadedModel, arms: Sequence[_Arm], saes: Sequence[S
     specs = list({a.spec.spec_hash(): a.spec for a in arms}.values())
     refs = [s for s in saes if s.layer in {layer for spec in specs for layer in spec.layers}]
     log(f"  CE on {len(alpaca)} Alpaca prompts x {len(specs)} interventions")
-    run_id, per_spec = loss_run(store, model, refs, specs, alpaca, settings.batch_size)
+    run_id, per_spec = loss_run(store, model, refs, specs, alpaca)
     return {h: (float(ce), run_id) for h, ce, _, _ in per_spec.iter_rows()}
 
 

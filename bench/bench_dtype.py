@@ -12,6 +12,7 @@ dtype, how far P("I") moves, and how many stage-2 decisions agree.
 On a CPU without native bf16 (AVX2 only) bf16 is emulated and slower than fp32; `--dtype auto` picks fp32 there.
 
     python bench/bench_dtype.py --store stores/quick --n-prompts 16 --generate 16
+    python bench/bench_dtype.py --store stores/quick --skip-speed      # fidelity only (2 and 3)
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ def main() -> None:
     ap.add_argument("--generate", type=int, default=16)
     ap.add_argument("--prune-prompts", type=int, default=2)
     ap.add_argument("--pool-size", type=int, default=30)
+    ap.add_argument("--skip-speed", action="store_true",
+                    help="fidelity only (|dP| and stage-2 agreement): on a CPU without native bf16, bf16 is emulated "
+                         "and its speed means nothing, while its arithmetic (bf16 operands, fp32 accumulation) is "
+                         "what a native-bf16 CPU computes")
     args = ap.parse_args()
 
     source = Store.open(args.store)
@@ -100,7 +105,8 @@ def main() -> None:
         layers = [s.layer for s in saes]
         if not p_values:
             feats = [(l, f) for l in layers for f in rng.sample(range(saes[0].d_sae), 150 // len(layers))]
-        results[dtype] = speed(model, prompts, args.batch_size, args.generate)
+        if not args.skip_speed:
+            results[dtype] = speed(model, prompts, args.batch_size, args.generate)
         with tempfile.TemporaryDirectory() as tmp:
             store = Store.create(Path(tmp) / "s")
             p_values[dtype] = np.concatenate([p_i(model, store, prompts, [ablation([])] * len(prompts), saes),
@@ -118,9 +124,10 @@ def main() -> None:
         print(f"{dtype:>9}: bare forward {r['bare forward']:.1f} s, project {r['project forward']:.1f} s "
               f"(bare/project {r['bare forward'] / r['project forward']:.2f}); bare generate {r['bare generate']:.1f} s, "
               f"project {r['project generate']:.1f} s (bare/project {r['bare generate'] / r['project generate']:.2f})")
-    f, b = results["float32"], results["bfloat16"]
-    print(f"bf16 vs fp32 (fp32 time / bf16 time): forward {f['project forward'] / b['project forward']:.2f}, "
-          f"generate {f['project generate'] / b['project generate']:.2f}")
+    if results:
+        f, b = results["float32"], results["bfloat16"]
+        print(f"bf16 vs fp32 (fp32 time / bf16 time): forward {f['project forward'] / b['project forward']:.2f}, "
+              f"generate {f['project generate'] / b['project generate']:.2f}")
     dp = np.abs(p_values["float32"] - p_values["bfloat16"])
     print(f"|dP(\"I\")| bf16 vs fp32 over {len(dp)} (prompt, clean or 150-feature ablation) pairs: "
           f"max {dp.max():.4f}, mean {dp.mean():.4f}")

@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from analyze import taxonomy  # noqa: E402
 from analyze.pipeline import PipelineSettings, read_profile  # noqa: E402
 from store import Store  # noqa: E402
 
@@ -124,6 +125,22 @@ def _pool(s: PipelineSettings, o: dict[str, float]) -> float:
     return o.get("mean_k", 0) * len(layers)
 
 
+def _controls_rows(s: PipelineSettings, o: dict[str, float]) -> float:
+    """Controls: one clean run counting active features on every prompt of the population (population
+    "refused": every prompt stage 1 took from its evaluation split, refused or not; "stage2": the stage-2
+    prompts), the prompts taken (max_prompts) clean and at each k, then the stage-2 prompts among them at
+    the stage-2 sets' size (obrien_size). The random controls are read from prune's checks, not run here."""
+    stage2 = _stage2_prompts(s, o)
+    population = s.candidates.n_prompts if s.controls.population == "refused" else stage2
+    taken = min(s.controls.max_prompts or population, population)
+    return population + taken * (1 + _n(s.controls.ks)) + min(stage2, taken)
+
+
+def _coconot_prompts(s: PipelineSettings, o: dict[str, float]) -> float:
+    """The CoCoNot prompts the taxonomy stage extracts: its subset's shipped prompts, the first n_coconot."""
+    return len(taxonomy.coconot_prompts(s.taxonomy.subset, limit=s.n_coconot))
+
+
 def _rounds(s: PipelineSettings, o: dict[str, float]) -> float:
     """K values evaluated per prompt: rounds of ks_per_round until the measured K is reached."""
     ks = sorted(s.candidates.ks)
@@ -132,24 +149,27 @@ def _rounds(s: PipelineSettings, o: dict[str, float]) -> float:
 
 
 FORMULAS: dict[str, tuple[str, Formula]] = {
-    "saes": ("tokens x layers x epochs", _sae_rows),
+    "saes": ("tokens x layers x epochs (training); collection: tokens", _sae_rows),
     "direction": ("n_train x 2 + n_val x 2 x (layers + n_random + 2)",
                   lambda s, o: 2 * s.direction.n_train + 2 * s.direction.n_val * (_direction_layers(s)
                                                                                 + s.direction.n_random + 2)),
     "candidates": ("n_prompts + refused x K-values swept (rounds of ks_per_round up to the measured K)",
                    lambda s, o: s.candidates.n_prompts + s.candidates.n_prompts * o.get("refused_share", 1.0)
                    * _rounds(s, o)),
-    "prune": ("stage-2 prompts x taus x seeds x (pool / N)   [+ taus + 1 checks per prompt]",
+    # checks per prompt: its set at every tau, then the selected set's two random controls (random, random_magnitude)
+    "prune": ("stage-2 prompts x taus x seeds x (pool / N)   [+ taus + 2 checks per prompt]",
               lambda s, o: _stage2_prompts(s, o) * (_n(s.prune.taus) * _n(s.prune.seeds)
-                                                    * _pool(s, o) / s.prune.block_size + _n(s.prune.taus) + 1)),
+                                                    * _pool(s, o) / s.prune.block_size + _n(s.prune.taus) + 2)),
     "stage3": ("2 x limit (FM data) + stage-2 prompts x (ks + probe_ks)",
                lambda s, o: 2 * s.stage3.limit + _stage2_prompts(s, o) * (_n(s.stage3.ks) + _n(s.stage3.probe_ks))),
     "redundancy": ("stage-2 prompts x (3 + clamp values)",
                    lambda s, o: _stage2_prompts(s, o) * (3 + _n(s.redundancy.clamp_values))),
-    "controls": ("stage-2 prompts x ks", lambda s, o: _stage2_prompts(s, o) * (1 + _n(s.controls.ks))),
+    "controls": ("population (counting run) + taken x (1 + ks) + stage-2 prompts taken (obrien_size)",
+                 _controls_rows),
     "costs": ("(n_alpaca + n_text) x conditions + n_xstest x conditions",
               lambda s, o: (s.costs.n_alpaca + s.costs.n_text + s.costs.n_xstest) * _n(s.costs.conditions)),
-    "taxonomy": ("n_coconot", lambda s, o: s.n_coconot or 1001),
+    "taxonomy": ("CoCoNot prompts of the taxonomy subset, the first n_coconot (None: all shipped)",
+                 _coconot_prompts),
 }
 
 
@@ -180,6 +200,7 @@ def recorded_settings(store: Store, model: str, profile: str) -> PipelineSetting
             raw["sae"] = settings
         elif stage == "taxonomy":
             raw["n_coconot"] = settings.get("n_coconot")
+            raw["taxonomy"] = settings.get("taxonomy", {})
         elif stage in FORMULAS:
             raw[stage] = {k: v for k, v in settings.items() if v is not None}
     return PipelineSettings.from_dict(raw)
@@ -219,7 +240,7 @@ def main() -> None:
     print(f"run time fitted over {sum(w.runs for w in work.values())} runs: {alpha:.2f} s per run + "
           f"{1000 * beta:.1f} s per 1k prompt tokens + {gamma:.3f} s per decode step (batch x token)")
     print(f"\ncost model: forward rows per stage; predicted for profile {args.predict}")
-    print(f"{'stage':<11} {'formula':<78} {'c':>5} {'rows':>9} {'pred rows':>10} {'pred s':>8}")
+    print(f"{'stage':<11} {'formula':<84} {'c':>5} {'rows':>9} {'pred rows':>10} {'pred s':>8}")
     predicted = 0.0
     for stage, w in work.items():
         if stage not in FORMULAS:
@@ -232,13 +253,16 @@ def main() -> None:
         g_here, g_there = _generate(stage, measured), _generate(stage, target)
         outside = w.seconds - w.run_seconds                  # training, fitting, judging, bookkeeping
         if stage == "saes":
-            seconds = w.seconds * ratio
+            # collection is one forward over the training tokens for every layer at once: it scales with the
+            # tokens; training (outside the runs) scales with tokens x layers x epochs
+            tokens_ratio = target.sae.tokens / measured.sae.tokens if target.sae and measured.sae else 1.0
+            seconds = w.run_seconds * tokens_ratio + outside * ratio
         else:
             runs = w.runs * (o.get("blocks_ratio", 1.0) if stage == "prune" else 1.0)
             decode = w.decode_steps * ratio * (g_there / g_here if g_here else 1.0)
             seconds = outside + alpha * runs + beta * w.prompt_tokens * ratio + gamma * decode
         predicted += seconds
-        print(f"{stage:<11} {text:<78} {c:>5.2f} {rows_measured:>9.0f} {c * there:>10.0f} {seconds:>8.0f}")
+        print(f"{stage:<11} {text:<84} {c:>5.2f} {rows_measured:>9.0f} {c * there:>10.0f} {seconds:>8.0f}")
     print(f"\npredicted total for {args.predict}: {predicted / 60:.0f} min "
           f"({predicted / max(total, 1):.1f}x the measured {total / 60:.0f} min of {args.profile})")
 

@@ -128,9 +128,21 @@ def _mark_damaged(store: Store, damaged: list[Damage]) -> tuple[str, ...]:
         for run_id in runs:
             con.execute("UPDATE runs SET status = 'damaged' WHERE run_id = ? AND status = 'complete'", [run_id])
     for d in damaged:
-        file = Path(d.file)
-        if file.name == "zarr.json":                  # shape or metadata: the whole array is rewritten
-            shutil.rmtree(file.parent, ignore_errors=True)
-        else:                                         # a missing chunk reads as zeros while rewriting: fine
-            file.unlink(missing_ok=True)
+        _remove(str(d.file), whole_array=Path(d.file).name == "zarr.json")
     return runs
+
+
+def _remove(file: str, whole_array: bool) -> None:
+    """Delete a bad chunk file, or for bad metadata (zarr.json: shape) the whole array; local or on object
+    storage alike (a missing chunk reads as zeros while the array is rewritten: fine)."""
+    if "://" not in file:
+        if whole_array:
+            shutil.rmtree(Path(file).parent, ignore_errors=True)
+        else:
+            Path(file).unlink(missing_ok=True)
+        return
+    from upath import UPath
+
+    target = UPath(file).parent if whole_array else UPath(file)
+    if target.fs.exists(target.path):
+        target.fs.rm(target.path, recursive=whole_array)

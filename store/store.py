@@ -82,24 +82,30 @@ class Store:
         store._migrate()
         if arrays is not None:
             store._record_arrays_url(arrays)
-        if not (store.arrays_root / "zarr.json").exists():
-            try:
-                zarr.open_group(str(store.arrays_root), mode="a", zarr_format=3)
-            except zarr.errors.ContainsGroupError:      # another process created it meanwhile
-                pass
+        else:
+            _ensure_group(store.arrays_root)
         return store
 
     def _record_arrays_url(self, url: str) -> None:
+        """Bind the catalog to arrays at `url`, once the Zarr group there exists: a URL that cannot be written
+        (no bucket, no credentials, no fsspec backend for it) fails in one line and binds nothing."""
         if "://" not in url:
             raise UsageError(f"--arrays must be a URL such as s3://bucket/prefix, got {url!r}")
         with self.transaction() as con:
             found = con.execute("SELECT value FROM meta WHERE key = 'arrays_url'").fetchall()
             n_runs = con.execute("SELECT count(*) FROM runs").fetchall()[0][0]
-            if found and found[0][0] != url or not found and n_runs:
-                raise UsageError(f"store {self.path} keeps its arrays at {found[0][0] if found else 'arrays.zarr'}; "
-                                 f"give a new store directory for arrays at {url}")
-            if not found:
-                con.execute("INSERT INTO meta VALUES ('arrays_url', ?)", [url])
+        if found and found[0][0] != url or not found and n_runs:
+            raise UsageError(f"store {self.path} keeps its arrays at {found[0][0] if found else 'arrays.zarr'}; "
+                             f"give a new store directory for arrays at {url}")
+        try:
+            _ensure_group(_url_root(url))
+        except UsageError:
+            raise
+        except Exception as err:                        # botocore, fsspec, zarr: the filesystem's own errors
+            raise UsageError(f"cannot create the arrays at {url}: {type(err).__name__}: {err}") from None
+        if not found:
+            with self.transaction() as con:
+                con.execute("INSERT INTO meta VALUES ('arrays_url', ?) ON CONFLICT DO NOTHING", [url])
         self._arrays_root = None
 
     @property
@@ -115,13 +121,7 @@ class Store:
             if url is None:
                 self._arrays_root = self.path / ARRAYS
             else:
-                try:
-                    from upath import UPath
-                except ImportError:
-                    raise UsageError(f"store {self.path} keeps its arrays at {url}: pip install "
-                                     f"'refusalscope[cloud]' (universal_pathlib and s3fs or gcsfs)") from None
-                # no listings cache: zarr writes through its own filesystem object, a cached listing goes stale
-                self._arrays_root = UPath(url, use_listings_cache=False)
+                self._arrays_root = _url_root(url, f"store {self.path} keeps its arrays at {url}")
         return self._arrays_root
 
     @classmethod
@@ -170,7 +170,7 @@ class Store:
                             [str(FORMAT_VERSION)])
                 meta = {"format_version": str(FORMAT_VERSION), "schema_version": "0"}
         self._check_version()
-        done = int(meta.get("schema_version", 0))
+        done = self._renumbered(int(meta.get("schema_version", 0)))
         for version, sql in enumerate(MIGRATIONS[done:], start=done + 1):
             with self.transaction() as con:
                 # another process opening the store for writing may have applied it meanwhile
@@ -178,6 +178,21 @@ class Store:
                 if int(now) < version:
                     con.execute(sql)
                     con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
+
+    def _renumbered(self, done: int) -> int:
+        """The schema version to migrate from. The attribution branch numbered its migration 0013; on main it
+        is 0014, after 0013_stats. A store made on that branch is at schema version 12 (file 0013 is the 12th
+        migration) with the attribution tables but without 0013_stats' tables: it goes back to 11 and applies
+        both (each is idempotent: IF NOT EXISTS throughout)."""
+        if done != 12:
+            return done
+        with self.transaction() as con:
+            has_stats = con.execute("SELECT count(*) FROM information_schema.tables "
+                                    "WHERE table_name = 'paired_tests'").fetchall()[0][0]
+            if not has_stats:
+                con.execute("UPDATE meta SET value = '11' WHERE key = 'schema_version'")
+                return 11
+        return done
 
     # ---- connections ---------------------------------------------------------------------
     @contextmanager
@@ -361,3 +376,24 @@ def check_read_only(query: str) -> None:
 
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
+
+
+def _url_root(url: str, why: str | None = None) -> Any:
+    """A UPath for an fsspec URL; a one-line error when universal_pathlib is not installed."""
+    try:
+        from upath import UPath
+    except ImportError:
+        raise UsageError(f"{why or f'arrays at {url}'}: pip install 'refusalscope[cloud]' "
+                         f"(universal_pathlib and s3fs or gcsfs)") from None
+    # no listings cache: zarr writes through its own filesystem object, a cached listing goes stale
+    return UPath(url, use_listings_cache=False)
+
+
+def _ensure_group(root: Any) -> None:
+    """The Zarr v3 group at the root of the arrays, created when missing."""
+    if (root / "zarr.json").exists():
+        return
+    try:
+        zarr.open_group(str(root), mode="a", zarr_format=3)
+    except zarr.errors.ContainsGroupError:              # another process created it meanwhile
+        pass

@@ -192,3 +192,20 @@ def test_report_section_shows_the_checks_rankings_and_orders(planted_stage1, att
     rendered = report.render_section(store, section, report.ReportSettings())
     assert rendered.status == "ok", rendered.parts
     assert any(isinstance(p, report.Figure) for p in rendered.parts)
+
+
+def test_an_order_read_from_the_newest_attribution_is_a_new_analysis_when_that_changes(planted_stage1, attributed):
+    # with no --attribution id, the newest attribution analysis orders the blocks: its id is part of the prune id,
+    # so a later attribution run never makes the same prune id stand for other scores
+    from analyze import prune
+    from analyze.prune import PruneSettings
+
+    store, model = planted_stage1
+    settings = PruneSettings(judge="p_i", order="bisect", candidates_id=_cosine_candidates(store))
+    before = prune.run(store, model, settings)
+    newer = attribution.run(store, model, AttributionSettings(n_single=2, n_blocks=1, steps=2))
+    after = prune.run(store, model, settings)
+    assert after.summary["attribution_id"] == newer.attribution_id != before.summary["attribution_id"]
+    assert after.prune_id != before.prune_id
+    assert store.sql("SELECT count(*) AS n FROM analyses WHERE analysis_id IN (?, ?)",
+                     [before.prune_id, after.prune_id])["n"][0] == 2

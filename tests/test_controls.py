@@ -222,3 +222,54 @@ def test_obrien_runs_on_the_refused_population_not_only_what_stage1_broke(stage2
     assert refused.results.filter(pl.col("kind") == "obrien_size").height == 2
     with pytest.raises(UsageError, match="population must be one of refused, stage2"):
         ControlsSettings(population="all")
+
+
+def assert_paired_on_the_prompts_counted(store, controls_id: str) -> None:
+    """Every paired test of the controls analysis is over exactly the prompts its two ASR rows count."""
+    counted = dict(store.sql("SELECT kind, n_prompts FROM control_asr WHERE controls_id = ? AND kind != 'obrien'",
+                             [controls_id]).iter_rows())
+    tests = store.sql("SELECT a, b, n_pairs FROM paired_tests WHERE analysis_id = ?", [controls_id])
+    assert tests.height == 3
+    for a, b, n_pairs in tests.iter_rows():
+        assert n_pairs == counted[a] == counted[b], (a, b, n_pairs, counted)
+
+
+def test_paired_tests_use_the_prompts_the_asr_rows_count(stage2, result):
+    store, model, _, _ = stage2
+    assert_paired_on_the_prompts_counted(store, result.controls_id)
+    # max_prompts cuts the stage-2 and random rows to 2 of the 4 stage-2 prompts: the paired tests follow
+    fewer = controls.run(store, model, ControlsSettings(ks=(1,), max_prompts=2))
+    assert fewer.summary["stage2"]["n_prompts"] == 2
+    assert_paired_on_the_prompts_counted(store, fewer.controls_id)
+
+
+def test_obrien_size_counts_every_stage2_prompt_its_paired_test_pairs(stage2, result):
+    store, _, pruned, _ = stage2
+    ids = sorted(result.results["prompt_id"].unique())
+    # one stage-2 prompt that this analysis' clean run did not call a refusal (e.g. another judge than prune's)
+    results = result.results.with_columns(refused_clean=pl.col("refused_clean") & (pl.col("prompt_id") != ids[0]))
+    asr = controls.obrien_asr(results)
+    assert asr.filter(pl.col("kind") == "obrien_size")["n_prompts"].to_list() == [4]
+    assert set(asr.filter(pl.col("kind") == "obrien")["n_prompts"]) == {3}     # the per-k rows: refused clean only
+    tests = {b: p for _, b, _, p in controls.paired_tests(store, pruned.prune_id, results, ids)}
+    assert tests["obrien_size"].n == 4
+
+
+def test_later_stages_ablate_position_0_as_the_prune_analysis_found_the_sets(planted_stage1):
+    # a prune analysis with --no-ablate-first (pool "active" measures its own base): the controls ablate every
+    # set, their baselines included, without position 0 as well; the default rule is inherited as True
+    from analyze import catalog
+
+    store, model = planted_stage1
+    pruned = prune.run(store, model, PruneSettings(judge="p_i", taus=(0.5,), seeds=(0,), pool="active",
+                                                   ablate_first=False))
+    assert catalog.ablates_first(store, pruned.prune_id) is False
+    assert catalog.ablates_first(store, None) is True
+    result = controls.run(store, model, ControlsSettings(ks=(1,), prune_id=pruned.prune_id))
+    run_ids = store.sql("SELECT DISTINCT run_id FROM control_results WHERE controls_id = ? AND kind != 'clean'",
+                        [result.controls_id])["run_id"].to_list()
+    specs = store.sql("SELECT DISTINCT s.spec FROM items i JOIN interventions s USING (spec_hash) "
+                      "WHERE list_contains(?, i.run_id)", [run_ids])["spec"].to_list()
+    ablating = [Intervention.from_dict(json.loads(s)) for s in specs]
+    ablating = [s for s in ablating if s.zero_ablate]
+    assert ablating and all(s.zero_ablate_first is False for s in ablating)

@@ -178,3 +178,20 @@ def test_settings_round_trip_and_validation():
         CostsSettings(conditions=("steering",))
     with pytest.raises(UsageError, match="generate"):
         CostsSettings(generate=0)
+
+
+def test_feature_sets_are_ablated_with_the_position_0_rule_that_found_them(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    store = Store.create(tmp_path / "s")
+    with store.transaction() as con:                      # a prune analysis run with --no-ablate-first
+        con.execute("INSERT INTO analyses VALUES ('pr', 'prune', 'm', 'cand', 'p_i', ?, '{}', "
+                    "TIMESTAMP '2025-01-01 00:00:00', 't')", [json.dumps({"ablate_first": False})])
+    model = SimpleNamespace(name="m")
+    settings = CostsSettings(conditions=("feature_ablation",), n_xstest=0)
+    sets = {"p1": [(3, 1), (3, 2)]}
+    (found,), _ = costs._conditions(store, model, settings, None, sets, "pr")
+    assert found.specs[0].zero_ablate == {3: (1, 2)} and found.specs[0].zero_ablate_first is False
+    (default,), _ = costs._conditions(store, model, settings, None, sets)          # no source: the default rule
+    assert default.specs[0].zero_ablate_first is True

@@ -87,3 +87,92 @@ def test_judge_qualities_are_the_measured_ones(name, kappa):
     q = findings.judge_qualities()[name]
     assert q.kappa == kappa and q.n == 222
     assert list(findings.judge_qualities()) == ["rubric", "content", "phrase"]
+
+
+def plant_costs(store: Store, *rows: dict) -> None:
+    """Pooled `costs` rows (set_prompt_id NULL) of one costs analysis."""
+    with store.transaction() as con:
+        for row in rows:
+            row = {"costs_id": "c1", "model": "planted", "settings": "{}", "code_version": "t", **row}
+            cols = ", ".join(row)
+            con.execute(f"INSERT INTO costs ({cols}, created_at) VALUES ({', '.join('?' * len(row))}, {NOW})",
+                        list(row.values()))
+
+
+def row_of(store: Store, key: str) -> findings.Finding:
+    (row,) = [f for f in findings.findings(store) if f.quantity == findings.paper_figures()[key]["quantity"]]
+    return row
+
+
+BASELINE = {"condition": "baseline", "ce_alpaca": 2.0, "n_alpaca": 8, "ce_text": 3.0, "n_text": 4,
+            "ce_alpaca_diff": 0.0, "ce_text_diff": 0.0}
+# the pooled means differ from the baseline by +0.5 and +0.2; the stored paired differences (mean over sets, on
+# the same prompts) are other numbers, so the row shows which one it read
+ABLATED = {"condition": "feature_ablation", "ce_alpaca": 2.5, "n_alpaca": 8, "ce_text": 3.2, "n_text": 4}
+STORED_DIFFS = {"ce_alpaca_diff": 0.3, "ce_alpaca_diff_low": 0.1, "ce_alpaca_diff_high": 0.45,
+                "ce_text_diff": 0.15, "ce_text_diff_low": -0.05, "ce_text_diff_high": 0.35}
+
+
+def test_ce_delta_reads_the_stored_paired_difference_and_interval(tmp_path):
+    store = Store.create(tmp_path / "s")
+    plant_costs(store, BASELINE, {**ABLATED, **STORED_DIFFS})
+    assert row_of(store, "ce_delta").ours == ("feature_ablation +0.300 [+0.100, +0.450] Alpaca (n = 8) / "
+                                              "+0.150 [-0.050, +0.350] WikiText-2 (n = 4) nats; "
+                                              "paired bootstrap 95% intervals")
+
+
+def test_ce_delta_without_stored_intervals_says_so(tmp_path):
+    store = Store.create(tmp_path / "s")                     # an old store: the 0013 columns are NULL
+    plant_costs(store, {**BASELINE, "ce_alpaca_diff": None, "ce_text_diff": None}, ABLATED)
+    assert row_of(store, "ce_delta").ours == ("feature_ablation +0.500 Alpaca (n = 8) / +0.200 WikiText-2 (n = 4) nats; "
+                                              "no interval stored")
+
+
+def plant_stage3_alone(store: Store, n_sweep: int | None, n_redundancy: int, n: int = 4) -> None:
+    """A stage-3 sweep whose stage3_alone ranker jailbreaks n_sweep of n prompts (None: no such rows), and a
+    redundancy analysis whose stage-3-only ablation jailbreaks n_redundancy of them."""
+    with store.transaction() as con:
+        con.execute(f"INSERT INTO analyses VALUES ('sw', 'stage3', 'planted', 'pr', 'content:x', '{{}}', '{{}}', {NOW}, 't')")
+        con.execute(f"INSERT INTO redundancy_analyses VALUES ('red', 'planted', 'pr', 'sw', 'content:x', '{{}}', '{{}}', "
+                    f"'clean', 'abl', 's3', NULL, '{{}}', {NOW}, 't')")
+        for i in range(n):
+            con.execute("INSERT INTO stage3_outcomes VALUES ('sw', 'fm', 4, ?, 9, 'fm_run', ?, 0.1, 'refusal', FALSE)",
+                        [f"p{i}", i])
+            if n_sweep is not None:
+                verdict = "compliance" if i < n_sweep else "refusal"
+                con.execute("INSERT INTO stage3_outcomes VALUES ('sw', 'stage3_alone', 0, ?, 4, 'alone_run', ?, 0.1, ?, ?)",
+                            [f"p{i}", i, verdict, verdict == "compliance"])
+            verdict = "compliance" if i < n_redundancy else "refusal"
+            con.execute("INSERT INTO redundancy_ablations VALUES ('red', ?, 'stage3', 4, 's3', ?, 0.1, ?, ?)",
+                        [f"p{i}", i, verdict, verdict == "compliance"])
+
+
+def test_stage3_alone_is_read_from_the_sweep_not_the_redundancy_analysis(tmp_path):
+    store = Store.create(tmp_path / "s")
+    plant_stage3_alone(store, n_sweep=3, n_redundancy=1)
+    row = row_of(store, "stage3_alone")
+    assert row.ours.startswith("75% [") and row.ours.endswith("(3/4)")
+    assert row.judge == "content:x (kappa 0.49)" and "n = 4" in row.verdict
+
+
+def test_stage3_alone_falls_back_to_the_redundancy_analysis_without_sweep_rows(tmp_path):
+    store = Store.create(tmp_path / "s")
+    plant_stage3_alone(store, n_sweep=None, n_redundancy=1)
+    row = row_of(store, "stage3_alone")
+    assert row.ours.startswith("25% [") and "(1/4) (from the redundancy analysis" in row.ours
+
+
+def test_fm_and_probe_accuracy_carry_a_wilson_interval_over_the_test_prompts(tmp_path):
+    from analyze.metrics import wilson
+
+    store = Store.create(tmp_path / "s")
+    metrics = {"fm_accuracy": {"test": 0.75}, "probe_accuracy": {"test": 0.5}, "fm_model_id": "fm1"}
+    with store.transaction() as con:
+        con.execute(f"INSERT INTO analyses VALUES ('sw', 'stage3', 'planted', NULL, 'content:x', '{{}}', ?, {NOW}, 't')",
+                    [json.dumps(metrics)])
+        con.execute(f"INSERT INTO fm_models VALUES ('fm1', 'fm', 'planted', 4, 10, 1, 1, 0.75, 1, 0.1, '{{}}', ?, "
+                    f"'{{}}', 'w', {NOW}, 't')", [json.dumps({"n_prompts": {"train": 30, "val": 4, "test": 8}})])
+    (row,) = [f for f in findings.findings(store) if f.quantity.startswith("FM vs linear-probe")]
+    low, high = wilson(6, 8)                                             # 0.75 of 8 test prompts
+    assert f"FM 0.750 [{low:.3f}, {high:.3f}]" in row.ours and "n = 8 test prompts" in row.ours
+    assert f"probe 0.500 [{wilson(4, 8)[0]:.3f}, {wilson(4, 8)[1]:.3f}]" in row.ours

@@ -194,3 +194,9 @@ def test_cli_runs_the_three_stages(planted, stage1, tmp_path):
     assert res.exit_code == 0, res.output
     assert "4/4 prompts jailbroken by their minimal sets" in res.stdout
     assert "random active features of equal size 0% [0%, 49%] (0/4), McNemar p = 0.12" in res.stdout
+
+
+def test_prune_refuses_another_position_0_rule_than_the_stage_1_it_starts_from(stage1):
+    store, model = stage1                                 # the fixture's stage 1 ablated position 0 (the default)
+    with pytest.raises(UsageError, match="ablated with position 0, so prune must too"):
+        prune.run(store, model, PruneSettings(judge="p_i", ablate_first=False))

@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import asdict
 
 import numpy as np
+import polars as pl
 import pytest
 from matplotlib import image
 from typer.testing import CliRunner
@@ -146,3 +147,18 @@ def test_examples_show_the_prompt_its_clean_and_ablated_completions_and_the_verd
     shown = html[start:html.index("</details>", html.index("</table>", start))]
     assert "stage 1" in shown and "top-20 candidates per layer" in shown and d.text in shown
     assert "I am sorry, no." in shown and "Pizza, of course." in shown and "compliance" in shown
+
+
+def test_rates_in_report_tables_get_wilson_intervals_from_their_counts():
+    from analyze.metrics import wilson
+    from analyze.report import with_intervals
+    df = pl.DataFrame({"set_id": ["a", "b"], "n_prompts": [8, 0], "n_jailbroken": [5, 0], "asr": [0.625, None],
+                       "mean_n_features": [3.0, None]})
+    out = with_intervals(df)
+    assert out.columns == ["set_id", "n_prompts", "n_jailbroken", "asr", "ci_low", "ci_high", "mean_n_features"]
+    assert out["ci_low"][0] == pytest.approx(wilson(5, 8)[0]) and out["ci_high"][0] == pytest.approx(wilson(5, 8)[1])
+    assert out["ci_low"][1] is None                                  # no prompts: no interval
+    stored = df.with_columns(pl.lit(0.1).alias("ci_low"))
+    assert with_intervals(stored).equals(stored)                     # a stored interval is kept as it is
+    direction = pl.DataFrame({"layer": [3], "n_refused": [10], "n_jailbroken": [3], "asr": [0.3]})
+    assert with_intervals(direction)["ci_high"][0] == pytest.approx(wilson(3, 10)[1])

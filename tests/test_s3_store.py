@@ -91,6 +91,10 @@ def test_check_finds_a_chunk_deleted_from_the_bucket(s3, tmp_path):
     assert not check_store(Store.open(tmp_path / "s")).damaged
     s3.rm(f"{BUCKET}/{tmp_path.name}/arrays.zarr/runs/r1/resid/3/c/1/0")
     assert check_store(Store.open(tmp_path / "s")).damaged_runs == ("r1",)
+    meta = f"{BUCKET}/{tmp_path.name}/arrays.zarr/runs/r1/resid/3/zarr.json"
+    s3.pipe(meta, b"{not json")                                        # bad metadata: the array goes
+    assert check_store(Store.open(tmp_path / "s", read_only=False), repair=True).repaired == ("r1",)
+    assert not s3.exists(meta) and not s3.exists(meta.rsplit("/", 1)[0])
 
 
 def test_extraction_on_s3_equals_the_local_store(s3, planted, planted_model, tmp_path):
@@ -120,3 +124,18 @@ def test_url_usage_errors(s3, tmp_path):
         Store.create(tmp_path / "s", arrays=f"s3://{BUCKET}/elsewhere")
     with pytest.raises(UsageError, match="must be a URL"):
         Store.create(tmp_path / "t", arrays="not-a-url")
+
+
+def test_an_unwritable_arrays_url_fails_in_one_line_and_binds_nothing(s3, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from tests.conftest import assert_one_error
+
+    path = tmp_path / "s"
+    res = CliRunner().invoke(app, ["store", "init", "--store", str(path), "--arrays", "s3://no-such-bucket-rs/a"])
+    assert_one_error(res, "error: cannot create the arrays at s3://no-such-bucket-rs/a: FileNotFoundError: "
+                          "The specified bucket does not exist")
+    assert Store.open(path).arrays_url is None                      # the catalog is not bound to the bad URL
+    store = Store.create(path, arrays=url(tmp_path))                 # so the corrected command works
+    assert store.arrays_url == url(tmp_path) and (store.arrays_root / "zarr.json").exists()

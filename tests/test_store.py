@@ -164,6 +164,23 @@ def test_newer_schema_is_refused_and_migrations_apply(tmp_path):
         Store.open(path)
 
 
+def test_a_store_from_the_attribution_branch_gets_the_stats_migration_it_skipped(tmp_path):
+    # that branch numbered the attribution migration 0013; main has 0013_stats before it (0014_attribution)
+    path = tmp_path / "s"
+    path.mkdir()
+    con = duckdb.connect(str(path / "catalog.duckdb"))
+    con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    for sql in MIGRATIONS[:11] + [MIGRATIONS[12]]:                 # 0013_stats (the 12th) skipped
+        con.execute(sql)
+    con.execute("INSERT INTO meta VALUES ('format_version', ?), ('schema_version', '12')", [str(FORMAT_VERSION)])
+    con.close()
+    store = Store.open(path, read_only=False)
+    assert store.sql("SELECT value FROM meta WHERE key = 'schema_version'")["value"][0] == str(len(MIGRATIONS))
+    assert store.sql("SELECT count(*) AS n FROM paired_tests")["n"][0] == 0
+    assert "ci_low" in store.sql("SELECT * FROM control_asr LIMIT 0").columns
+    assert store.sql("SELECT count(*) AS n FROM attribution_scores")["n"][0] == 0
+
+
 def test_cli_sql_formats(tmp_path):
     path = tmp_path / "s"
     write_run(Store.create(path), "r1")

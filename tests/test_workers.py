@@ -211,6 +211,10 @@ def test_a_profile_sets_the_pool_and_the_options_override_it(tmp_path):
     assert worker_settings(None, None, settings.workers) == settings.workers
     assert worker_settings(1, None, settings.workers) == WorkerSettings(n=1, ray_address="auto")
     assert worker_settings(None, None) == WorkerSettings()                 # the default: in process
+    assert worker_settings(0, None, settings.workers) == WorkerSettings()  # --workers 0: back in process
+    n_only = WorkerSettings(n=4)                                           # a profile's pool, a cluster given
+    assert worker_settings(None, "auto", n_only) == WorkerSettings(n=4, ray_address="auto")
+    assert pipeline.check_profile(path).workers == settings.workers        # what `run` checks before loading
     with pytest.raises(UsageError, match="unknown setting 'workers.count'"):
         pipeline.check_profile(_with(tmp_path, raw, {"count": 2}))
 

@@ -18,7 +18,7 @@ import polars as pl
 
 from analyze import catalog
 from analyze.catalog import save_analysis
-from analyze.common import Feature, Log, ablation, analysis_id, evaluate
+from analyze.common import Feature, Log, ablation, analysis_id, model_key, evaluate
 from analyze.judges import Judge, get_judge, judge_run
 from analyze.metrics import Paired, rate_ci
 from analyze.stage3.data import FmData
@@ -44,24 +44,25 @@ def _sweep(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings: S
     if not plans:
         raise UsageError("none of the stage-2 prompts has a stage-2 latent among the FM's columns; "
                          "check that the FM layers cover the stage-2 layers")
-    sweep_id = analysis_id("stage3", model.name, result.prune_id, settings,
+    sweep_id = analysis_id("stage3", model_key(model), result.prune_id, settings,
                            {"fm": fm_fit[1], "probe": probe_fit[1], "judge": judge.judge_id,
                             "stage2": {p.prompt.prompt_id: p.stage2 for p in plans}})
     es = ExtractSettings(positions=f"last:{settings.n_last}", batch_size=settings.batch_size,
                          generate=settings.generate if judge.needs_completion else 0)
+    first = catalog.ablates_first(store, result.prune_id)       # position 0 as the stage-2 sets were found
     steps = [("stage2", 0)] + [("fm", k) for k in settings.ks] + [("probe", k) for k in settings.probe_k_values]
     outcomes = []
     for ranker, k in steps:
         log(f"ablating stage-2 set ({settings.stage2_set}) + {ranker} top-{k} on {len(plans)} prompts")
         sets = [list(p.base) + (top_k(p, ranker, k, data) if k else []) for p in plans]
-        outcomes.append(_judged(store, model, saes, es, judge, ranker, k, [p.prompt for p in plans], sets))
+        outcomes.append(_judged(store, model, saes, es, judge, ranker, k, [p.prompt for p in plans], sets, first))
     table = pl.concat(outcomes)
     stage3 = _stage3_sets(sweep_id, table, plans, data)
     alone = _alone_sets(stage3, plans)
     if alone:
         log(f"ablating the stage-3 sets alone on {len(alone)} prompts")
         table = pl.concat([table, _judged(store, model, saes, es, judge, "stage3_alone", 0,
-                                          [p.prompt for p, _ in alone], [s for _, s in alone])])
+                                          [p.prompt for p, _ in alone], [s for _, s in alone], first)])
     asr = _asr(table)
     paired = fm_vs_probe(table)
     result = replace(result, sweep_id=sweep_id, judge=judge.judge_id, asr=asr, n_swept=len(plans),
@@ -85,9 +86,11 @@ def _sweep(store: Store, model: LoadedModel, saes: Sequence[SaeRef], settings: S
 
 
 def _judged(store: Store, model: LoadedModel, saes: Sequence[SaeRef], es: ExtractSettings, judge: Judge,
-            ranker: str, k: int, prompts: Sequence[Prompt], sets: Sequence[Sequence[Feature]]) -> pl.DataFrame:
-    """One extraction run ablating each set on its prompt, judged: `stage3_outcomes` rows (no sweep id yet)."""
-    done = evaluate(store, model, list(prompts), [ablation(s) for s in sets], saes, es)
+            ranker: str, k: int, prompts: Sequence[Prompt], sets: Sequence[Sequence[Feature]],
+            first: bool = True) -> pl.DataFrame:
+    """One extraction run ablating each set on its prompt (at position 0 too when `first`), judged:
+    `stage3_outcomes` rows (no sweep id yet)."""
+    done = evaluate(store, model, list(prompts), [ablation(s, first) for s in sets], saes, es)
     verdicts = judge_run(store, done.run_id, judge)["verdict"].to_numpy()[done.items]
     return pl.DataFrame({
         "ranker": ranker, "k": k, "prompt_id": [p.prompt_id for p in prompts],

@@ -1,9 +1,11 @@
 -- Gradient attribution over SAE latents (analyze/attribution.py, extract/gradients.py): the linear prediction of
 -- zero-ablating each active latent, and its check against real ablation runs. The analysis is an `analyses` row of
 -- kind 'attribution' whose parent_id is the candidates analysis whose prompts and SAE layers it scored.
+-- IF NOT EXISTS: stores made on the branch that built this numbered it 0013 and already hold these tables
+-- (store.py::_renumbered).
 
 -- One row per (prompt, layer, latent active on the prompt): the predicted change of the metric under its ablation.
-CREATE TABLE attribution_scores (
+CREATE TABLE IF NOT EXISTS attribution_scores (
     attribution_id VARCHAR NOT NULL, -- = analyses.analysis_id (kind 'attribution')
     prompt_id VARCHAR NOT NULL,
     layer SMALLINT NOT NULL,         -- residual after block `layer` (the SAE's layer)
@@ -16,7 +18,7 @@ CREATE TABLE attribution_scores (
 );
 
 -- One row per prompt: the clean metric the scores are gradients of.
-CREATE TABLE attribution_prompts (
+CREATE TABLE IF NOT EXISTS attribution_prompts (
     attribution_id VARCHAR NOT NULL,
     prompt_id VARCHAR NOT NULL,
     metric_clean DOUBLE NOT NULL,    -- the metric in the clean forward of the gradient pass
@@ -25,7 +27,7 @@ CREATE TABLE attribution_prompts (
 );
 
 -- Faithfulness: sampled single latents and blocks, their predicted and measured (real ablation run) effects.
-CREATE TABLE attribution_checks (
+CREATE TABLE IF NOT EXISTS attribution_checks (
     attribution_id VARCHAR NOT NULL,
     prompt_id VARCHAR NOT NULL,
     kind VARCHAR NOT NULL,           -- single (one latent) | block (block_size latents of one layer)
@@ -40,7 +42,7 @@ CREATE TABLE attribution_checks (
 );
 
 -- Per layer (NULL: all layers) and kind (single, block, all): correlation of predicted and measured effects.
-CREATE TABLE attribution_correlations (
+CREATE TABLE IF NOT EXISTS attribution_correlations (
     attribution_id VARCHAR NOT NULL,
     layer SMALLINT,                  -- NULL: every layer together
     kind VARCHAR NOT NULL,           -- single | block | all
