@@ -105,6 +105,8 @@ def analyze_prune(
                                "first) or bisect (bisection over the attribution-sorted pool)."),
     attribution_id: Optional[str] = opt("--attribution", "Attribution analysis id for --order attribution|bisect "
                                         "(default: the newest)."),
+    bisect_base: Optional[str] = opt("--bisect-base", "--order bisect: delta against P(C), the pool ablated (pool), "
+                                     "or against the last passing prefix, as Algorithm 1's base drifts (last_pass)."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,

@@ -45,6 +45,7 @@ import numpy as np
 import polars as pl
 
 from analyze import catalog
+from analyze.bisect import BASES as BISECT_BASES
 from analyze.catalog import latest_analysis, save_analysis
 from analyze.common import (Evaluated, Feature, Log, ablation, analysis_id, evaluate, load_saes, model_key, no_log,
                             stored_prompts)
@@ -80,10 +81,12 @@ class PruneSettings(JudgedPromptSettings):
     order: str = "random"                # random: the seed's permutation (paper); attribution: least |attribution|
                                          # first (ties in the seed's order); bisect: analyze/bisect.py
     attribution_id: str | None = None    # order attribution or bisect: None = the newest attribution analysis
+    bisect_base: str = "pool"            # order bisect: delta against P(C) (pool) or the last passing prefix
 
     # added after prune ids were first made: hashed only when set, so prose/test runs keep their ids
     _HASHED_WHEN_SET = JudgedPromptSettings._HASHED_WHEN_SET + ("variant", "last_block", "ablate_first",
-                                                                "magnitude_bins", "order", "attribution_id")
+                                                                "magnitude_bins", "order", "attribution_id",
+                                                                "bisect_base")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,6 +106,10 @@ class PruneSettings(JudgedPromptSettings):
             raise UsageError(f"magnitude_bins must be >= 1, got {self.magnitude_bins}")
         if self.order not in ORDERS:
             raise UsageError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.bisect_base not in BISECT_BASES:
+            raise UsageError(f"bisect_base must be one of {', '.join(BISECT_BASES)}, got {self.bisect_base!r}")
+        if self.bisect_base != "pool" and self.order != "bisect":
+            raise UsageError("bisect_base applies to --order bisect only")
 
 
 @dataclass
@@ -183,6 +190,8 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
                    n_evaluations=trace.n_evaluations, n_forward_items=trace.n_forward_items)
     if scores is not None:
         summary.update(order=settings.order, attribution_id=attribution_id)
+        if settings.order == "bisect":
+            summary.update(bisect_base=settings.bisect_base)
     steps = trace.steps.with_columns(pl.lit(pid).alias("prune_id"))
     save_analysis(store, pid, "prune", model.name, cand["analysis_id"], judge.judge_id, settings, summary,
                   {"pruning_steps": ("prune_id", steps),
@@ -212,7 +221,7 @@ def lockstep_prune(store: Store, model: LoadedModel, saes: list[SaeRef], prompts
     if settings.order == "bisect":
         from analyze.bisect import bisect_prune
         return PruneTrace(*bisect_prune(pools, p_full, settings.taus, settings.seeds, scores, measure, prompt_ids,
-                                        _STEP_SCHEMA, log))
+                                        _STEP_SCHEMA, log, settings.bisect_base))
     return algorithm1(pools, p_full, settings, measure, prompt_ids, log, scores)
 
 

@@ -132,6 +132,27 @@ def test_bisection_recovers_exactly_the_planted_set_with_fewer_evaluations(plant
     assert steps.height == result.summary["n_evaluations"]
 
 
+def test_the_drifting_base_also_recovers_exactly_the_planted_set(planted_stage1, attributed, paper_order):
+    # restoring a planted latent raises P("I") far above tau of any base, restoring another one barely moves it:
+    # the base Algorithm 1 drifts to (last_pass) keeps the same set here, under its own analysis id
+    from analyze import prune
+    from analyze.prune import PruneSettings
+
+    store, model = planted_stage1
+    common = dict(judge="p_i", order="bisect", candidates_id=_cosine_candidates(store),
+                  attribution_id=attributed.attribution_id)
+    pool = prune.run(store, model, PruneSettings(**common))
+    drift = prune.run(store, model, PruneSettings(**common, bisect_base="last_pass"))
+    assert drift.prune_id != pool.prune_id and drift.summary["bisect_base"] == "last_pass"
+    assert all(s == PLANTED for s in _sets(store, drift.prune_id).values())
+    assert drift.summary["n_evaluations"] * 2 < paper_order.summary["n_evaluations"]
+    def n_bases(prune_id):      # distinct base values per (prompt, tau) search
+        return store.sql("SELECT count(DISTINCT p_base) AS n FROM pruning_steps WHERE prune_id = ? "
+                         "GROUP BY prompt_id, tau", [prune_id])["n"].to_list()
+    assert set(n_bases(pool.prune_id)) == {1}         # always P(C)
+    assert max(n_bases(drift.prune_id)) > 1           # the base moved to the passing prefix's P("I")
+
+
 def test_attribution_order_tests_the_planted_latents_last_in_one_block(planted_stage1, attributed):
     from analyze import prune
     from analyze.prune import PruneSettings
