@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--pool-size", type=int, default=0, help="features per pool, the first in (layer, feature) "
                                                              "order (0: the whole stage-1 set)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--bisect-base", default="pool", choices=("pool", "last_pass"),
+                    help="what the bisection's delta is taken against (analyze/bisect.py)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_attribution_") as tmp:
@@ -79,7 +81,7 @@ def main() -> None:
         scores = [{(int(l), int(f)): s for l, f, s in found.filter(found["prompt_id"] == p.prompt_id)
                    .select("layer", "feature", "score").iter_rows()} for p in prompts]
         bisect = lockstep_prune(Store.create(tmp / "bisect"), model, saes, prompts, pools, p_full,
-                                replace(settings, order="bisect"), scores=scores)
+                                replace(settings, order="bisect", bisect_base=args.bisect_base), scores=scores)
     device = f"{model.device}, {torch.get_num_threads()} threads"
     sizes = sorted(len(p) for p in pools)
     print(f"stage 2 on {model.name} ({device}): {len(prompts)} prompts x {len(settings.taus)} taus x "
@@ -87,7 +89,7 @@ def main() -> None:
     print(f"  paper   {paper.seconds:8.1f} s  {paper.n_evaluations:6d} evaluations  {paper.n_forward_items:6d} forward rows")
     total = t_grad + bisect.seconds
     print(f"  bisect  {total:8.1f} s  {bisect.n_evaluations:6d} evaluations  {bisect.n_forward_items:6d} forward rows"
-          f"  (gradient pass {t_grad:.1f} s + search {bisect.seconds:.1f} s)")
+          f"  (gradient pass {t_grad:.1f} s + search {bisect.seconds:.1f} s; base {args.bisect_base})")
     print(f"attribution-guided stage 2 vs paper-order stage 2: {paper.seconds:.1f} s -> {total:.1f} s  "
           f"ratio {paper.seconds / total:.2f}  ({paper.n_evaluations / max(bisect.n_evaluations, 1):.1f}x fewer "
           f"evaluations)")
