@@ -102,7 +102,8 @@ def analyze_prune(
     magnitude_bins: Optional[int] = opt("--magnitude-bins", "Quantile bins of the magnitude-matched random control "
                                         "(4: quartiles of the prompt's activation values per layer)."),
     order: Optional[str] = opt("--order", "Block order: random (the paper's), attribution (least |attribution| "
-                               "first) or bisect (bisection over the attribution-sorted pool)."),
+                               "first), bisect (bisection over the attribution-sorted pool) or gallop (Algorithm 1 "
+                               "from the least attributed end, blocks doubling while they are pruned)."),
     attribution_id: Optional[str] = opt("--attribution", "Attribution analysis id for --order attribution|bisect "
                                         "(default: the newest)."),
     bisect_base: Optional[str] = opt("--bisect-base", "--order bisect: delta against P(C), the pool ablated (pool), "

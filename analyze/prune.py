@@ -61,7 +61,7 @@ from analyze.text import fmt
 POOLS = ("candidates", "active")
 VARIANTS = ("prose", "literal")          # the two readings of Algorithm 1 (module docstring)
 LAST_BLOCKS = ("test", "skip")
-ORDERS = ("random", "attribution", "bisect")   # random: the paper's; the others read an attribution analysis
+ORDERS = ("random", "attribution", "bisect", "gallop")   # random: the paper's; the others read an attribution analysis
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ class PruneSettings(JudgedPromptSettings):
     ablate_first: bool = True            # zero-ablate at position 0 too (the sink the SAEs never saw; README)
     magnitude_bins: int = 4              # the magnitude-matched control draws from the same quantile bin (4: quartiles)
     order: str = "random"                # random: the seed's permutation (paper); attribution: least |attribution|
-                                         # first (ties in the seed's order); bisect: analyze/bisect.py
+                                         # first (ties in the seed's order); bisect: analyze/bisect.py;
+                                         # gallop: growing blocks in attribution order (analyze/gallop.py)
     attribution_id: str | None = None    # order attribution or bisect: None = the newest attribution analysis
     bisect_base: str = "pool"            # order bisect: delta against P(C) (pool) or the last passing prefix
 
@@ -222,6 +223,10 @@ def lockstep_prune(store: Store, model: LoadedModel, saes: list[SaeRef], prompts
         from analyze.bisect import bisect_prune
         return PruneTrace(*bisect_prune(pools, p_full, settings.taus, settings.seeds, scores, measure, prompt_ids,
                                         _STEP_SCHEMA, log, settings.bisect_base))
+    if settings.order == "gallop":
+        from analyze.gallop import gallop_prune
+        return PruneTrace(*gallop_prune(pools, p_full, settings.taus, settings.seeds, scores, settings.block_size,
+                                        measure, prompt_ids, _STEP_SCHEMA, log))
     return algorithm1(pools, p_full, settings, measure, prompt_ids, log, scores)
 
 

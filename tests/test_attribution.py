@@ -153,6 +153,20 @@ def test_the_drifting_base_also_recovers_exactly_the_planted_set(planted_stage1,
     assert max(n_bases(drift.prune_id)) > 1           # the base moved to the passing prefix's P("I")
 
 
+def test_planted_model_keeps_the_planted_latents_in_one_block_with_fewer_evaluations(planted_stage1, attributed,
+                                                                                      paper_order):
+    from analyze import prune
+    from analyze.prune import PruneSettings
+
+    store, model = planted_stage1
+    result = prune.run(store, model, PruneSettings(judge="p_i", order="gallop", candidates_id=_cosine_candidates(store),
+                                                   attribution_id=attributed.attribution_id))
+    sets = _sets(store, result.prune_id)
+    assert len(sets) == 4 * 8 and all(PLANTED <= s and len(s) == 5 for s in sets.values())
+    assert result.summary["n_jailbroken"] == 4 and result.summary["order"] == "gallop"
+    assert result.summary["n_evaluations"] * 2 < paper_order.summary["n_evaluations"]
+
+
 def test_attribution_order_tests_the_planted_latents_last_in_one_block(planted_stage1, attributed):
     from analyze import prune
     from analyze.prune import PruneSettings
