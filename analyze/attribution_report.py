@@ -122,7 +122,10 @@ def order_comparison(store: Store) -> pl.DataFrame:
             jaccard = [len(sets[p] & base_sets[p]) / len(sets[p] | base_sets[p]) for p in shared
                        if sets[p] | base_sets[p]]
             n = m.get("n_prompts") or 0
-            rows.append({"prune_id": r["analysis_id"], "order": r["settings"].get("order", "random"),
+            order = r["settings"].get("order", "random")
+            if r["settings"].get("bisect_base", "pool") != "pool":
+                order += f" ({r['settings']['bisect_base']})"
+            rows.append({"prune_id": r["analysis_id"], "order": order,
                          "taus": len(r["settings"]["taus"]), "seeds": len(r["settings"]["seeds"]), "n_prompts": n,
                          "evaluations_per_prompt": round(m["n_evaluations"] / n, 1) if n else None,
                          "forward_rows_per_prompt": round(m["n_forward_items"] / n, 1) if n else None,

@@ -151,6 +151,9 @@ def test_the_drifting_base_also_recovers_exactly_the_planted_set(planted_stage1,
                          "GROUP BY prompt_id, tau", [prune_id])["n"].to_list()
     assert set(n_bases(pool.prune_id)) == {1}         # always P(C)
     assert max(n_bases(drift.prune_id)) > 1           # the base moved to the passing prefix's P("I")
+    from analyze.attribution_report import order_comparison
+    labels = dict(order_comparison(store).select("prune_id", "order").iter_rows())
+    assert labels[drift.prune_id] == "bisect (last_pass)" and labels[pool.prune_id] == "bisect"
 
 
 def test_planted_model_keeps_the_planted_latents_in_one_block_with_fewer_evaluations(planted_stage1, attributed,
