@@ -6,7 +6,8 @@ search two ways at the paper's parameters (N = 5, 8 taus, 3 seeds), each into a 
 so that nothing is a cache hit:
   paper   Algorithm 1, blocks in the seeds' random order (lockstep, as shipped)
   bisect  the gradient pass (attribution patching, timed and charged to it) plus the bisection over the
-          attribution-sorted pool (analyze/bisect.py)
+          attribution-sorted pool (analyze/bisect.py; --bisect-base), or with --order gallop the
+          galloping search (analyze/gallop.py)
 Prints seconds, evaluations, forward rows, and the wall-time ratio.
 
     nice -n 10 python bench/bench_attribution.py --prompts 2 --pool-size 60 --store /work/stores/attribution
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--pool-size", type=int, default=0, help="features per pool, the first in (layer, feature) "
                                                              "order (0: the whole stage-1 set)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--order", default="bisect", choices=("bisect", "gallop"),
+                    help="the attribution-guided search (analyze/bisect.py, analyze/gallop.py)")
     ap.add_argument("--bisect-base", default="pool", choices=("pool", "last_pass"),
                     help="what the bisection's delta is taken against (analyze/bisect.py)")
     args = ap.parse_args()
@@ -81,15 +84,18 @@ def main() -> None:
         scores = [{(int(l), int(f)): s for l, f, s in found.filter(found["prompt_id"] == p.prompt_id)
                    .select("layer", "feature", "score").iter_rows()} for p in prompts]
         bisect = lockstep_prune(Store.create(tmp / "bisect"), model, saes, prompts, pools, p_full,
-                                replace(settings, order="bisect", bisect_base=args.bisect_base), scores=scores)
+                                replace(settings, order=args.order,
+                                        bisect_base=args.bisect_base if args.order == "bisect" else "pool"),
+                                scores=scores)
     device = f"{model.device}, {torch.get_num_threads()} threads"
     sizes = sorted(len(p) for p in pools)
     print(f"stage 2 on {model.name} ({device}): {len(prompts)} prompts x {len(settings.taus)} taus x "
           f"{len(settings.seeds)} seeds, pools of {sizes[0]}..{sizes[-1]}, N={settings.block_size}")
     print(f"  paper   {paper.seconds:8.1f} s  {paper.n_evaluations:6d} evaluations  {paper.n_forward_items:6d} forward rows")
     total = t_grad + bisect.seconds
-    print(f"  bisect  {total:8.1f} s  {bisect.n_evaluations:6d} evaluations  {bisect.n_forward_items:6d} forward rows"
-          f"  (gradient pass {t_grad:.1f} s + search {bisect.seconds:.1f} s; base {args.bisect_base})")
+    label = args.order if args.order == "gallop" else f"bisect ({args.bisect_base})"
+    print(f"  {label:<6}  {total:8.1f} s  {bisect.n_evaluations:6d} evaluations  {bisect.n_forward_items:6d} forward rows"
+          f"  (gradient pass {t_grad:.1f} s + search {bisect.seconds:.1f} s)")
     print(f"attribution-guided stage 2 vs paper-order stage 2: {paper.seconds:.1f} s -> {total:.1f} s  "
           f"ratio {paper.seconds / total:.2f}  ({paper.n_evaluations / max(bisect.n_evaluations, 1):.1f}x fewer "
           f"evaluations)")
