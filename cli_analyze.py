@@ -108,6 +108,11 @@ def analyze_prune(
                                         "(default: the newest)."),
     bisect_base: Optional[str] = opt("--bisect-base", "--order bisect: delta against P(C), the pool ablated (pool), "
                                      "or against the last passing prefix, as Algorithm 1's base drifts (last_pass)."),
+    tau_search: Optional[str] = opt("--tau-search", "sweep (every tau searched and judged, the paper's) or descending "
+                                    "(largest tau first; a prompt stops at its first jailbreaking tau: the same "
+                                    "selected set, fewer evaluations)."),
+    refine: Optional[bool] = opt("--refine/--no-refine", "Search each jailbreaking selected set again with blocks of "
+                                 "one; the smaller set replaces it when it still jailbreaks."),
     judge: Optional[str] = JudgeOpt, generate: Optional[int] = GenerateOpt, batch_size: Optional[int] = BatchOpt,
     workers: Optional[int] = WorkersOpt, ray_address: Optional[str] = RayAddressOpt,
     device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, store: str = StoreOpt,

@@ -89,7 +89,7 @@ def bisect_prune(pools: list[set[Feature]], p_full: np.ndarray, taus: tuple[floa
         tests = [s.order[:s.mid] for s in live]
         done = measure([s.prompt for s in live], tests)
         n_eval, n_items = n_eval + len(live), n_items + done.n_forward_items
-        for s, test, p, item in zip(live, tests, done.p_i, done.items):
+        for k, (s, test, p, item) in enumerate(zip(live, tests, done.p_i, done.items)):
             p_base = float(p_full[s.prompt]) if base == "pool" else s.p_hi
             delta = abs(p_base - float(p)) / p_base
             passes = delta < s.tau
@@ -97,7 +97,7 @@ def bisect_prune(pools: list[set[Feature]], p_full: np.ndarray, taus: tuple[floa
                          "block_layers": [f[0] for f in test], "block_features": [f[1] for f in test],
                          "p_base": p_base, "p_without": float(p), "delta": delta,
                          "decision": "prune" if passes else "keep", "n_ablated": len(test),
-                         "run_id": done.run_id, "item": int(item)})
+                         "run_id": done.run_of(k), "item": int(item)})
             if passes:
                 s.hi, s.p_hi = s.mid, float(p)
             else:

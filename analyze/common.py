@@ -91,6 +91,12 @@ class Evaluated:
     completions: list[str | None]
     n_forward_items: int                               # unique (prompt, spec) pairs actually run
     cached: bool
+    row_runs: tuple[str, ...] = ()                     # per request, where its item lives when not all in run_id
+                                                       # (measurements reused from earlier runs: analyze/prune.py)
+
+    def run_of(self, k: int) -> str:
+        """The run holding request k's item."""
+        return self.row_runs[k] if self.row_runs else self.run_id
 
 
 def evaluate(store: Store, model: LoadedModel, prompts: Sequence[Prompt], specs: Sequence[Intervention],

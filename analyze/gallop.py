@@ -71,7 +71,7 @@ def gallop_prune(pools: list[set[Feature]], p_full: np.ndarray, taus: tuple[floa
         tests = [s.test() for s in live]
         done = measure([s.prompt for s in live], [sorted(ablated) for _, ablated in tests])
         n_eval, n_items = n_eval + len(live), n_items + done.n_forward_items
-        for s, (chunk, ablated), p, item in zip(live, tests, done.p_i, done.items):
+        for k, (s, (chunk, ablated), p, item) in enumerate(zip(live, tests, done.p_i, done.items)):
             p_base, p = s.base, float(p)
             delta = abs(p_base - p) / p_base
             if delta < s.tau:
@@ -86,7 +86,7 @@ def gallop_prune(pools: list[set[Feature]], p_full: np.ndarray, taus: tuple[floa
             rows.append({"prompt_id": prompt_ids[s.prompt], "tau": s.tau, "seed": seeds[0], "step": step,
                          "block_layers": [f[0] for f in chunk], "block_features": [f[1] for f in chunk],
                          "p_base": p_base, "p_without": p, "delta": delta, "decision": decision,
-                         "n_ablated": len(ablated), "run_id": done.run_id, "item": int(item)})
+                         "n_ablated": len(ablated), "run_id": done.run_of(k), "item": int(item)})
         step += 1
         log(f"gallop step {step}: {len(live)} searches, {done.n_forward_items} forwards")
     kept = {(s.prompt, s.tau, seed): frozenset(s.kept) for s in searches for seed in seeds}

@@ -46,6 +46,7 @@ import polars as pl
 
 from analyze import catalog
 from analyze.bisect import BASES as BISECT_BASES
+from analyze.descend import TAU_SEARCHES
 from analyze.catalog import latest_analysis, save_analysis
 from analyze.common import (Evaluated, Feature, Log, ablation, analysis_id, evaluate, load_saes, model_key, no_log,
                             stored_prompts)
@@ -83,11 +84,14 @@ class PruneSettings(JudgedPromptSettings):
                                          # gallop: growing blocks in attribution order (analyze/gallop.py)
     attribution_id: str | None = None    # order attribution or bisect: None = the newest attribution analysis
     bisect_base: str = "pool"            # order bisect: delta against P(C) (pool) or the last passing prefix
+    tau_search: str = "sweep"            # sweep: every tau judged (paper); descending: largest first, a prompt
+                                         # stops at its first jailbreaking tau (analyze/descend.py)
+    refine: bool = False                 # search each jailbreaking selected set again with blocks of one
 
     # added after prune ids were first made: hashed only when set, so prose/test runs keep their ids
     _HASHED_WHEN_SET = JudgedPromptSettings._HASHED_WHEN_SET + ("variant", "last_block", "ablate_first",
                                                                 "magnitude_bins", "order", "attribution_id",
-                                                                "bisect_base")
+                                                                "bisect_base", "tau_search", "refine")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,6 +113,8 @@ class PruneSettings(JudgedPromptSettings):
             raise UsageError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if self.bisect_base not in BISECT_BASES:
             raise UsageError(f"bisect_base must be one of {', '.join(BISECT_BASES)}, got {self.bisect_base!r}")
+        if self.tau_search not in TAU_SEARCHES:
+            raise UsageError(f"tau_search must be one of {', '.join(TAU_SEARCHES)}, got {self.tau_search!r}")
         if self.bisect_base != "pool" and self.order != "bisect":
             raise UsageError("bisect_base applies to --order bisect only")
 
@@ -181,14 +187,30 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
         from analyze.attribution import importance
         _, by_prompt = importance(store, model.name, attribution_id, [p.prompt_id for p in prompts])
         scores = [by_prompt[p.prompt_id] for p in prompts]
-    trace = lockstep_prune(store, model, saes, prompts, pools, p_full, settings, log, scores)
-    sets = minimal_sets(trace.kept, len(prompts), settings)
-    log(f"checking {len(sets)} minimal sets and their random controls")
-    checks = _check(store, model, prompts, sets, active, saes, judge, settings, log)
+    if settings.tau_search == "descending":
+        from analyze.descend import descending
+        trace, sets, frame = descending(store, model, saes, prompts, pools, p_full, scores, judge, settings, log)
+    else:
+        trace = lockstep_prune(store, model, saes, prompts, pools, p_full, settings, log, scores)
+        sets = minimal_sets(trace.kept, len(prompts), settings)
+        log(f"checking {len(sets)} minimal sets")
+        frame = _judge_sets(store, model, prompts, sets, saes, judge, settings, log)
+    refined = None
+    if settings.refine:
+        from analyze.descend import refine
+        trace, sets, frame, refined = refine(store, model, saes, prompts, trace, sets, frame, scores, judge,
+                                             settings, log)
+    log("checking the selected sets' random controls")
+    checks = _with_controls(store, model, prompts, sets, frame, active, saes, judge, settings, log)
     per_prompt, per_tau, summary = _summaries(prompts, pools, sets, checks)
     summary.update(seconds_pruning=trace.seconds, seconds_total=time.perf_counter() - t0,
                    seconds_per_prompt=trace.seconds / len(prompts), n_steps=trace.n_steps,
-                   n_evaluations=trace.n_evaluations, n_forward_items=trace.n_forward_items)
+                   n_evaluations=trace.n_evaluations, n_forward_items=trace.n_forward_items,
+                   n_judged_sets=int((~checks["kind"].is_in(list(CONTROLS))).sum()))
+    if settings.tau_search != "sweep":
+        summary.update(tau_search=settings.tau_search)
+    if refined is not None:
+        summary.update(refine=refined)
     if scores is not None:
         summary.update(order=settings.order, attribution_id=attribution_id)
         if settings.order == "bisect":
@@ -205,19 +227,35 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
 def lockstep_prune(store: Store, model: LoadedModel, saes: list[SaeRef], prompts: list[Prompt],
                    pools: list[set[Feature]], p_full: np.ndarray, settings: PruneSettings,
                    log: Log = no_log, scores: list[dict[Feature, float]] | None = None,
-                   extract_settings: ExtractSettings | None = None) -> PruneTrace:
+                   extract_settings: ExtractSettings | None = None,
+                   cache: dict[tuple[str, str], tuple[str, int, float]] | None = None) -> PruneTrace:
     """Algorithm 1 for every (prompt, tau, seed), all advancing together: one extraction run per step.
 
     Each step's forwards start at the step's first ablated layer from the stored clean residual
     (extract/prefix.py); `extract_settings` overrides the step runs' settings (bench/bench_prune.py).
     `scores` (prompt index -> attribution score per feature) order the blocks (order attribution) or drive
-    the bisection (order bisect, analyze/bisect.py)."""
+    the bisection (order bisect, analyze/bisect.py). With `cache` ((prompt id, spec hash) -> (run, item, P)),
+    shared by several calls (analyze/descend.py), a (prompt, set) measured before is read, not run again."""
     step_settings = extract_settings or _quiet(settings.batch_size, 0)
 
     def measure(rows: list[int], ablated: list[list[Feature]]) -> Evaluated:
-        return evaluate(store, model, [prompts[i] for i in rows],
-                        [ablation(a, settings.ablate_first) for a in ablated], saes,
-                        step_settings, dedupe=settings.dedupe)
+        specs = [ablation(a, settings.ablate_first) for a in ablated]
+        if cache is None or not settings.dedupe:
+            return evaluate(store, model, [prompts[i] for i in rows], specs, saes, step_settings,
+                            dedupe=settings.dedupe)
+        keys = [(prompts[i].prompt_id, spec.spec_hash()) for i, spec in zip(rows, specs)]
+        missing = [k for k, key in enumerate(keys) if key not in cache]
+        run_id, n_forward = "", 0
+        if missing:
+            done = evaluate(store, model, [prompts[rows[k]] for k in missing], [specs[k] for k in missing], saes,
+                            step_settings)
+            for j, k in enumerate(missing):
+                cache[keys[k]] = (done.run_id, int(done.items[j]), float(done.p_i[j]))
+            run_id, n_forward = done.run_id, done.n_forward_items
+        got = [cache[key] for key in keys]
+        return Evaluated(run_id or got[0][0], np.array([g[1] for g in got], dtype=np.int64),
+                         np.array([g[2] for g in got]), [None] * len(got), n_forward, not missing,
+                         tuple(g[0] for g in got))
     prompt_ids = [p.prompt_id for p in prompts]
     if settings.order == "bisect":
         from analyze.bisect import bisect_prune
@@ -250,8 +288,8 @@ def algorithm1(pools: list[set[Feature]], p_full: np.ndarray, settings: PruneSet
         tests = [sorted(_ablated(r, pools[r.prompt], settings.variant) - set(r.blocks[step])) for r in live]
         done = measure([r.prompt for r in live], tests)
         n_eval, n_items = n_eval + len(live), n_items + done.n_forward_items
-        for r, p_without, item in zip(live, done.p_i, done.items):
-            rows.append(_decide(r, step, float(p_without), done.run_id, int(item), pools[r.prompt],
+        for k, (r, p_without, item) in enumerate(zip(live, done.p_i, done.items)):
+            rows.append(_decide(r, step, float(p_without), done.run_of(k), int(item), pools[r.prompt],
                                 prompt_ids, settings.variant))
         log(f"step {step + 1}/{n_steps}: {len(live)} runs, {done.n_forward_items} forwards")
     kept = {(r.prompt, r.tau, r.seed): frozenset(r.kept) for r in runs}
@@ -331,16 +369,23 @@ def _active_features(store: Store, model: LoadedModel, prompts: list[Prompt],
     return active
 
 
-def _check(store, model, prompts: list[Prompt], sets: dict[tuple[int, float], frozenset[Feature]],
-           active: list[set[Feature]], saes, judge: Judge, settings: PruneSettings, log: Log) -> pl.DataFrame:
-    """Each (prompt, tau) set ablated and judged; then two random controls for each prompt's selected set:
-    as many active features per layer (random), and active features from the same activation quantiles
-    (random_magnitude)."""
+def _judge_sets(store, model, prompts: list[Prompt], sets: dict[tuple[int, float], frozenset[Feature]], saes,
+                judge: Judge, settings: PruneSettings, log: Log) -> pl.DataFrame:
+    """Each (prompt, tau) set ablated and judged, one run; each prompt's selected set flagged."""
     keys = sorted(sets)
-    frame = _select(_judged(store, model, [prompts[i] for i, _ in keys], [sets[k] for k in keys], saes, judge,
-                            settings, log).with_columns(pl.Series("tau", [t for _, t in keys], pl.Float64),
-                                                   pl.lit("set").alias("kind")))
-    chosen = [k for k, flag in zip(keys, frame["selected"]) if flag]
+    return _select(_judged(store, model, [prompts[i] for i, _ in keys], [sets[k] for k in keys], saes, judge,
+                           settings, log).with_columns(pl.Series("tau", [t for _, t in keys], pl.Float64),
+                                                  pl.lit("set").alias("kind")))
+
+
+def _with_controls(store, model, prompts: list[Prompt], sets: dict[tuple[int, float], frozenset[Feature]],
+                   frame: pl.DataFrame, active: list[set[Feature]], saes, judge: Judge, settings: PruneSettings,
+                   log: Log) -> pl.DataFrame:
+    """The judged sets and two random controls for each prompt's selected set: as many active features per
+    layer (random), and active features from the same activation quantiles (random_magnitude)."""
+    index = {p.prompt_id: i for i, p in enumerate(prompts)}
+    picked = frame.filter((pl.col("kind") == "set") & pl.col("selected"))
+    chosen = sorted((index[p], tau) for p, tau in picked.select("prompt_id", "tau").iter_rows())
     values = _activation_values(store, model, prompts, saes)
     controls = {"random": [_random_like(sets[(i, tau)], active[i], settings.control_seed, i) for i, tau in chosen],
                 "random_magnitude": [_random_magnitude(sets[(i, tau)], values[i], settings.control_seed, i,

@@ -170,6 +170,89 @@ def test_planted_model_keeps_the_planted_latents_in_one_block_with_fewer_evaluat
     assert result.summary["n_evaluations"] * 2 < paper_order.summary["n_evaluations"]
 
 
+def _selected(store, prune_id: str) -> dict:
+    rows = store.sql("SELECT prompt_id, tau, layer, feature FROM feature_sets WHERE set_id = ? AND stage = 2 "
+                     "AND selected", [prune_id])
+    sets: dict = {}
+    for prompt_id, tau, layer, feature in rows.iter_rows():
+        sets.setdefault(prompt_id, (round(tau, 3), set()))[1].add((layer, feature))
+    return sets
+
+
+def test_descending_taus_select_the_sweeps_sets_with_fewer_evaluations_and_judged_sets(planted_stage1, attributed):
+    from analyze import prune
+    from analyze.prune import PruneSettings
+
+    store, model = planted_stage1
+    common = dict(judge="p_i", order="gallop", candidates_id=_cosine_candidates(store),
+                  attribution_id=attributed.attribution_id)
+    sweep = prune.run(store, model, PruneSettings(**common))
+    down = prune.run(store, model, PruneSettings(**common, tau_search="descending"))
+    assert down.prune_id != sweep.prune_id and down.summary["tau_search"] == "descending"
+    assert "tau_search" not in PruneSettings().hashed() and "refine" not in PruneSettings().hashed()
+    assert _selected(store, down.prune_id) == _selected(store, sweep.prune_id)
+    assert down.summary["n_jailbroken"] == sweep.summary["n_jailbroken"] == 4
+    # every prompt breaks at the largest tau: one tau searched and judged instead of eight
+    assert sweep.summary["n_judged_sets"] == 4 * 8 and down.summary["n_judged_sets"] == 4
+    assert down.summary["n_evaluations"] * 4 < sweep.summary["n_evaluations"]
+    assert down.summary["n_forward_items"] <= sweep.summary["n_forward_items"]
+    assert down.per_tau["tau"].to_list() == [0.8]
+
+
+def test_descending_reads_a_later_taus_repeated_tests_from_the_earlier_ones(planted_stage1, attributed):
+    # tau 1e9: every chunk passes, the set is empty and refuses, so the prompt goes on to tau 0.8, whose search
+    # starts with the same test: read from tau 1e9's run, not run again
+    from analyze import prune
+    from analyze.prune import PruneSettings
+
+    store, model = planted_stage1
+    common = dict(judge="p_i", order="gallop", candidates_id=_cosine_candidates(store),
+                  attribution_id=attributed.attribution_id, taus=(1e9, 0.8), seeds=(0,))
+    sweep = prune.run(store, model, PruneSettings(**common))
+    down = prune.run(store, model, PruneSettings(**common, tau_search="descending"))
+    assert _selected(store, down.prune_id) == _selected(store, sweep.prune_id)
+    assert {tau for tau, _ in _selected(store, down.prune_id).values()} == {0.8}
+    steps = store.sql("SELECT tau, step, run_id, item, p_without FROM pruning_steps WHERE prune_id = ? ORDER BY ALL",
+                      [down.prune_id])
+    first = {round(t, 3): rows for (t,), rows in steps.filter(pl.col("step") == 0).group_by(["tau"])}
+    assert first[0.8].select("run_id", "item", "p_without").sort("item").equals(
+        first[1e9].select("run_id", "item", "p_without").sort("item"))
+    assert down.summary["n_forward_items"] < down.summary["n_evaluations"]
+    assert down.summary["n_forward_items"] <= sweep.summary["n_forward_items"]
+
+
+@pytest.mark.parametrize("order", ["gallop", "random"])
+def test_refinement_sheds_the_passengers_and_leaves_exactly_the_planted_set(planted_stage1, attributed, order):
+    from analyze import prune
+    from analyze.prune import PruneSettings
+
+    store, model = planted_stage1
+    common = dict(judge="p_i", order=order, candidates_id=_cosine_candidates(store),
+                  attribution_id=attributed.attribution_id if order != "random" else None)
+    plain = prune.run(store, model, PruneSettings(**common, tau_search="descending"))
+    refined = prune.run(store, model, PruneSettings(**common, tau_search="descending", refine=True))
+    before, after = _selected(store, plain.prune_id), _selected(store, refined.prune_id)
+    assert all(s > PLANTED for _, s in before.values()) or order == "random"
+    assert all(s == PLANTED for _, s in after.values()) and len(after) == 4
+    assert {p: t for p, (t, _) in after.items()} == {p: t for p, (t, _) in before.items()}
+    assert refined.summary["refine"]["n_refined"] == refined.summary["refine"]["n_refined_kept"] == 4
+    assert refined.summary["refine"]["sizes_after"] == [3, 3, 3, 3]
+    assert refined.summary["n_jailbroken"] == 4
+    assert refined.summary["n_evaluations"] == plain.summary["n_evaluations"] + refined.summary["refine"]["refine_evaluations"]
+    checks = store.sql("SELECT kind, n_features, selected FROM set_checks WHERE set_id = ? AND kind IN "
+                       "('set', 'unrefined', 'refined') AND tau > 0.79", [refined.prune_id])
+    assert sorted(checks.filter(pl.col("kind") == "unrefined")["n_features"].to_list()) == sorted(
+        len(s) for _, s in before.values())
+    assert not checks.filter(pl.col("kind") != "set")["selected"].any()
+    # the refinement's rows continue each search, one feature per block
+    steps = store.sql("SELECT prompt_id, seed, step, len(block_features) AS n FROM pruning_steps WHERE prune_id = ? "
+                      "AND tau > 0.79 ORDER BY prompt_id, step", [refined.prune_id])
+    for _, run in steps.group_by(["prompt_id", "seed"]):
+        assert run["step"].is_unique().all()
+        ones = run.filter(pl.col("step") > run.filter(pl.col("n") > 1)["step"].max())
+        assert ones.height >= 3 and (ones["n"] == 1).all()
+
+
 def test_attribution_order_tests_the_planted_latents_last_in_one_block(planted_stage1, attributed):
     from analyze import prune
     from analyze.prune import PruneSettings

@@ -23,7 +23,7 @@ def _measure(curve):
             assert t == POOL[:len(t)], "the bisection ablates prefixes of the attribution order only"
         calls.append(len(tests))
         return SimpleNamespace(p_i=np.array([curve(len(t)) for t in tests]), items=np.arange(len(tests)),
-                               n_forward_items=len(tests), run_id="r")
+                               n_forward_items=len(tests), run_id="r", run_of=lambda k: "r")
     return measure, calls
 
 

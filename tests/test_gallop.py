@@ -29,7 +29,7 @@ def _search(strong=(), tau=0.3):
     def measure(rows, tests):
         calls.append([len(t) for t in tests])
         return SimpleNamespace(p_i=np.array([_p(set(t), strong) for t in tests]), items=np.arange(len(tests)),
-                               n_forward_items=len(tests), run_id="r")
+                               n_forward_items=len(tests), run_id="r", run_of=lambda k: "r")
     steps, kept, n_steps, n_eval, _, _ = gallop_prune([set(POOL)], np.array([P_FULL]), (tau,), (0, 1), [SCORES], 5,
                                                       measure, ["p0"], _STEP_SCHEMA)
     assert kept[(0, tau, 0)] == kept[(0, tau, 1)]             # no seed: every seed's set is the search's set
