@@ -111,8 +111,11 @@ def order_comparison(store: Store) -> pl.DataFrame:
     key = lambda r: (r["parent_id"], tuple(r["settings"]["taus"]), tuple(r["settings"]["seeds"]),  # noqa: E731
                      r["settings"].get("max_prompts"), r["settings"].get("block_size"))
     rows = []
-    for base in (r for r in runs if r["settings"].get("order", "random") == "random"):
-        group = [base] + [r for r in runs if key(r) == key(base) and r["settings"].get("order", "random") != "random"]
+    for base in (r for r in runs if r["settings"].get("order", "random") == "random"
+                 and r["settings"].get("tau_search", "sweep") == "sweep" and not r["settings"].get("refine")):
+        group = [base] + [r for r in runs if key(r) == key(base) and r is not base and
+                          (r["settings"].get("order", "random") != "random" or r["settings"].get("tau_search", "sweep")
+                           != "sweep" or r["settings"].get("refine"))]
         if len(group) == 1:
             continue
         base_sets = _selected_sets(store, base["analysis_id"])
@@ -125,10 +128,13 @@ def order_comparison(store: Store) -> pl.DataFrame:
             order = r["settings"].get("order", "random")
             if r["settings"].get("bisect_base", "pool") != "pool":
                 order += f" ({r['settings']['bisect_base']})"
+            order += ", descending" if r["settings"].get("tau_search", "sweep") != "sweep" else ""
+            order += ", refined" if r["settings"].get("refine") else ""
             rows.append({"prune_id": r["analysis_id"], "order": order,
                          "taus": len(r["settings"]["taus"]), "seeds": len(r["settings"]["seeds"]), "n_prompts": n,
                          "evaluations_per_prompt": round(m["n_evaluations"] / n, 1) if n else None,
                          "forward_rows_per_prompt": round(m["n_forward_items"] / n, 1) if n else None,
+                         "judged_sets_per_prompt": round(m["n_judged_sets"] / n, 1) if n and "n_judged_sets" in m else None,
                          "mean_set_size": round(float(sum(len(s) for s in sets.values()) / len(sets)), 1) if sets else None,
                          "asr": rate_text(m.get("n_jailbroken", 0), n),
                          "jaccard_vs_random": round(sum(jaccard) / len(jaccard), 3) if jaccard else None,

@@ -8,10 +8,13 @@ so that nothing is a cache hit:
   bisect  the gradient pass (attribution patching, timed and charged to it) plus the bisection over the
           attribution-sorted pool (analyze/bisect.py; --bisect-base), or with --order gallop the
           galloping search (analyze/gallop.py)
-Prints seconds, evaluations, forward rows, and the wall-time ratio.
+Prints seconds, evaluations, forward rows, and the wall-time ratio. With --tau-search descending or
+--refine (analyze/descend.py), whose searches depend on the judge's verdicts, both sides are timed with
+their jailbreak checks: the paper's sweep judges all 8 taus' sets, the other side judges as it goes.
 
     nice -n 10 python bench/bench_attribution.py --prompts 2 --pool-size 60 --store /work/stores/attribution
     python bench/bench_attribution.py            # the planted tiny model
+    python bench/bench_attribution.py --order gallop --tau-search descending --refine
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analyze.catalog import latest_analysis  # noqa: E402
 from analyze.common import ablation, evaluate, load_saes, stored_prompts  # noqa: E402
-from analyze.prune import PruneSettings, _quiet, _stage1_sets, lockstep_prune  # noqa: E402
+from analyze.descend import descending, refine  # noqa: E402
+from analyze.judges import get_judge  # noqa: E402
+from analyze.prune import PruneSettings, _judge_sets, _quiet, _stage1_sets, lockstep_prune, minimal_sets  # noqa: E402
 from extract.gradients import GradientSettings, attributions  # noqa: E402
 from extract.models import load_model  # noqa: E402
 from store import Store  # noqa: E402
@@ -61,7 +66,13 @@ def main() -> None:
                     help="the attribution-guided search (analyze/bisect.py, analyze/gallop.py)")
     ap.add_argument("--bisect-base", default="pool", choices=("pool", "last_pass"),
                     help="what the bisection's delta is taken against (analyze/bisect.py)")
+    ap.add_argument("--tau-search", default="sweep", choices=("sweep", "descending"),
+                    help="descending: largest tau first, judged as it goes (analyze/descend.py)")
+    ap.add_argument("--refine", action="store_true", help="search the selected sets again with blocks of one")
+    ap.add_argument("--judge", default=None, help="judge of the jailbreak checks (default: the settings' default; "
+                                                  "p_i on the planted model)")
     args = ap.parse_args()
+    judged = args.tau_search != "sweep" or args.refine
 
     with tempfile.TemporaryDirectory(prefix="bench_attribution_") as tmp:
         tmp = Path(tmp)
@@ -73,20 +84,39 @@ def main() -> None:
         saes = [s for s in load_saes(source, model, cand["settings"].get("saes", ())) if s.layer not in excluded]
         prompts = stored_prompts(source, chosen)
         pools = [set(sorted(p)[:args.pool_size or None]) for p in _stage1_sets(source, cand["analysis_id"], prompts)]
-        settings = PruneSettings(batch_size=args.batch_size)
+        settings = PruneSettings(batch_size=args.batch_size,
+                                 **{"judge": args.judge or ("p_i" if not args.store else PruneSettings().judge)})
         scratch = Store.create(tmp / "p_full")
         p_full = evaluate(scratch, model, prompts, [ablation(sorted(p)) for p in pools], saes,   # warm-up too
                           _quiet(settings.batch_size, 0)).p_i
-        paper = lockstep_prune(Store.create(tmp / "paper"), model, saes, prompts, pools, p_full, settings)
+        judge = get_judge(settings.judge)
+        t0 = time.perf_counter()
+        paper = lockstep_prune(paper_store := Store.create(tmp / "paper"), model, saes, prompts, pools, p_full,
+                               settings)
+        if judged:
+            paper_frame = _judge_sets(paper_store, model, prompts, minimal_sets(paper.kept, len(prompts), settings),
+                                      saes, judge, settings, lambda _: None)
+            paper = replace(paper, seconds=time.perf_counter() - t0)
         t0 = time.perf_counter()
         found = attributions(model, prompts, saes, GradientSettings(batch_size=args.batch_size)).scores
         t_grad = time.perf_counter() - t0
         scores = [{(int(l), int(f)): s for l, f, s in found.filter(found["prompt_id"] == p.prompt_id)
                    .select("layer", "feature", "score").iter_rows()} for p in prompts]
-        bisect = lockstep_prune(Store.create(tmp / "bisect"), model, saes, prompts, pools, p_full,
-                                replace(settings, order=args.order,
-                                        bisect_base=args.bisect_base if args.order == "bisect" else "pool"),
-                                scores=scores)
+        guided = replace(settings, order=args.order, bisect_base=args.bisect_base if args.order == "bisect" else "pool",
+                         tau_search=args.tau_search, refine=args.refine)
+        t0, store = time.perf_counter(), Store.create(tmp / "bisect")
+        if judged:
+            if args.tau_search == "descending":
+                bisect, sets, frame = descending(store, model, saes, prompts, pools, p_full, scores, judge, guided)
+            else:
+                bisect = lockstep_prune(store, model, saes, prompts, pools, p_full, guided, scores=scores)
+                sets = minimal_sets(bisect.kept, len(prompts), guided)
+                frame = _judge_sets(store, model, prompts, sets, saes, judge, guided, lambda _: None)
+            if args.refine:
+                bisect, sets, frame, _ = refine(store, model, saes, prompts, bisect, sets, frame, scores, judge, guided)
+            bisect = replace(bisect, seconds=time.perf_counter() - t0)
+        else:
+            bisect = lockstep_prune(store, model, saes, prompts, pools, p_full, guided, scores=scores)
     device = f"{model.device}, {torch.get_num_threads()} threads"
     sizes = sorted(len(p) for p in pools)
     print(f"stage 2 on {model.name} ({device}): {len(prompts)} prompts x {len(settings.taus)} taus x "
@@ -94,8 +124,15 @@ def main() -> None:
     print(f"  paper   {paper.seconds:8.1f} s  {paper.n_evaluations:6d} evaluations  {paper.n_forward_items:6d} forward rows")
     total = t_grad + bisect.seconds
     label = args.order if args.order == "gallop" else f"bisect ({args.bisect_base})"
+    label += ", descending" if args.tau_search == "descending" else ""
+    label += ", refined" if args.refine else ""
+    if judged:
+        def chosen(frame):
+            won = frame.filter(frame["selected"] & (frame["kind"] == "set"))
+            return f"{int(won['jailbroken'].sum())}/{won.height} jailbroken, mean set {won['n_features'].mean():.1f}"
+        print(f"  with the jailbreak checks ({settings.judge}): paper {chosen(paper_frame)}; {label}: {chosen(frame)}")
     print(f"  {label:<6}  {total:8.1f} s  {bisect.n_evaluations:6d} evaluations  {bisect.n_forward_items:6d} forward rows"
-          f"  (gradient pass {t_grad:.1f} s + search {bisect.seconds:.1f} s)")
+          f"  (gradient pass {t_grad:.1f} s + search{' and checks' if judged else ''} {bisect.seconds:.1f} s)")
     print(f"attribution-guided stage 2 vs paper-order stage 2: {paper.seconds:.1f} s -> {total:.1f} s  "
           f"ratio {paper.seconds / total:.2f}  ({paper.n_evaluations / max(bisect.n_evaluations, 1):.1f}x fewer "
           f"evaluations)")

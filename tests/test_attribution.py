@@ -244,6 +244,9 @@ def test_refinement_sheds_the_passengers_and_leaves_exactly_the_planted_set(plan
     assert sorted(checks.filter(pl.col("kind") == "unrefined")["n_features"].to_list()) == sorted(
         len(s) for _, s in before.values())
     assert not checks.filter(pl.col("kind") != "set")["selected"].any()
+    from analyze.attribution_report import order_comparison
+    labels = dict(order_comparison(store).select("prune_id", "order").iter_rows())
+    assert labels[refined.prune_id] == f"{order}, descending, refined" and labels[plain.prune_id] == f"{order}, descending"
     # the refinement's rows continue each search, one feature per block
     steps = store.sql("SELECT prompt_id, seed, step, len(block_features) AS n FROM pruning_steps WHERE prune_id = ? "
                       "AND tau > 0.79 ORDER BY prompt_id, step", [refined.prune_id])
