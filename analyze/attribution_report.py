@@ -139,7 +139,7 @@ def order_comparison(store: Store) -> pl.DataFrame:
                          "asr": rate_text(m.get("n_jailbroken", 0), n),
                          "jaccard_vs_random": round(sum(jaccard) / len(jaccard), 3) if jaccard else None,
                          "seconds_pruning": round(m.get("seconds_pruning", 0.0), 1)})
-    return pl.DataFrame(rows)
+    return pl.DataFrame(rows) if rows else pl.DataFrame(schema={"prune_id": pl.String, "order": pl.String})
 
 
 def _selected_sets(store: Store, prune_id: str) -> dict[str, frozenset[tuple[int, int]]]:

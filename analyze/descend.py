@@ -14,12 +14,15 @@ search decides:
   and their history until a delta falls between the two taus) reads it instead of running a forward;
   the sweep gets the same sharing from running its taus in lockstep. `per_tau` then counts, at each tau,
   the prompts still searched there.
-- **refine** (`refine = True`): a jailbreaking selected set is searched again at its own tau with blocks
-  of one (the same order; `block_size = 1`): the selected set is the pool, P("I") with it ablated the
-  first base, and a latent is pruned when restoring it moves P("I") by less than tau. The refined set
-  is judged and replaces the selected one only when it still jailbreaks. Blocks of N keep up to N - 1
-  passengers beside each latent that matters; Algorithm 1 sheds them by intersecting seeds, a search
-  without a seed (gallop, bisect) never does. Its `pruning_steps` rows continue the tau's search (step
+- **refine** (`refine = True`, orders with an attribution analysis): a jailbreaking selected set K is
+  searched again at its own tau by gallop (analyze/gallop.py) with blocks of one and a fixed base: K is
+  the pool, and a chunk of latents (least attributed first) is pruned when restoring it, beside those
+  pruned before, keeps P("I") within tau of P(K). So everything pruned together moves P("I") by less
+  than tau; with Algorithm 1's drifting base, one latent at a time, nearly every latent passes and the
+  set empties (measured: 17 of 20 refined sets on the default model no longer jailbroke, most of them
+  empty). The refined set is judged and replaces K only when it still jailbreaks. Blocks of N keep up to
+  N - 1 passengers beside each latent that matters; Algorithm 1 sheds them by intersecting seeds, a
+  search without a seed (gallop, bisect) never does. Its `pruning_steps` rows continue the tau's search (step
   numbers after its last step; blocks of one feature). In `set_checks` the replaced set stays as kind
   'unrefined', a rejected refinement is kind 'refined'; neither is selected.
 
@@ -88,10 +91,10 @@ def refine(store, model, saes, prompts, trace, sets: dict[tuple[int, float], fro
     for tau in sorted(set(won["tau"].to_list()), reverse=True):
         group = won.filter(pl.col("tau") == tau)
         rows = [index[p] for p in group["prompt_id"]]
-        one = replace(settings, taus=(tau,), block_size=1)
+        one = replace(settings, taus=(tau,), block_size=1, order="gallop")
         sub = lockstep_prune(store, model, saes, [prompts[i] for i in rows], [set(sets[(i, tau)]) for i in rows],
                              group["p_i"].to_numpy().astype(np.float64), one, log,
-                             [scores[i] for i in rows] if scores else None, cache=cache)
+                             [scores[i] for i in rows], cache=cache, drift=False)
         offsets = pl.DataFrame({"prompt_id": [prompts[i].prompt_id for i in rows],
                                 "offset": [last_step.get((prompts[i].prompt_id, float(np.float32(tau))), -1) + 1
                                            for i in rows]})

@@ -60,8 +60,11 @@ class _Search:
 
 def gallop_prune(pools: list[set[Feature]], p_full: np.ndarray, taus: tuple[float, ...], seeds: tuple[int, ...],
                  scores: list[Scores], block_size: int, measure, prompt_ids: list[str],
-                 step_schema: dict[str, Any], log: Log = no_log):
-    """Per (prompt, tau) the kept blocks, in lockstep; returns (steps frame, kept, n_steps, n_eval, n_items, s)."""
+                 step_schema: dict[str, Any], log: Log = no_log, drift: bool = True):
+    """Per (prompt, tau) the kept blocks, in lockstep; returns (steps frame, kept, n_steps, n_eval, n_items, s).
+
+    `drift` False: the base stays P(pool) after a prune (delta against the pool's P("I") throughout, so the
+    pruned latents together move P("I") by less than tau; analyze/descend.py's refinement)."""
     t0 = time.perf_counter()
     searches = [_Search(i, tau, attribution_order(pool, scores[i]), float(p_full[i]), block_size)
                 for i, pool in enumerate(pools) for tau in taus]
@@ -76,7 +79,7 @@ def gallop_prune(pools: list[set[Feature]], p_full: np.ndarray, taus: tuple[floa
             delta = abs(p_base - p) / p_base
             if delta < s.tau:
                 decision = "prune"
-                s.untested, s.base, s.chunk = s.untested[:-len(chunk)], p, 2 * s.chunk
+                s.untested, s.base, s.chunk = s.untested[:-len(chunk)], p if drift else p_base, 2 * s.chunk
             elif len(chunk) > block_size:
                 decision = "retry"
                 s.chunk = max(block_size, s.chunk // 2)

@@ -115,6 +115,8 @@ class PruneSettings(JudgedPromptSettings):
             raise UsageError(f"bisect_base must be one of {', '.join(BISECT_BASES)}, got {self.bisect_base!r}")
         if self.tau_search not in TAU_SEARCHES:
             raise UsageError(f"tau_search must be one of {', '.join(TAU_SEARCHES)}, got {self.tau_search!r}")
+        if self.refine and self.order == "random":
+            raise UsageError("refine searches in attribution order: use it with --order attribution, bisect or gallop")
         if self.bisect_base != "pool" and self.order != "bisect":
             raise UsageError("bisect_base applies to --order bisect only")
 
@@ -228,14 +230,16 @@ def lockstep_prune(store: Store, model: LoadedModel, saes: list[SaeRef], prompts
                    pools: list[set[Feature]], p_full: np.ndarray, settings: PruneSettings,
                    log: Log = no_log, scores: list[dict[Feature, float]] | None = None,
                    extract_settings: ExtractSettings | None = None,
-                   cache: dict[tuple[str, str], tuple[str, int, float]] | None = None) -> PruneTrace:
+                   cache: dict[tuple[str, str], tuple[str, int, float]] | None = None,
+                   drift: bool = True) -> PruneTrace:
     """Algorithm 1 for every (prompt, tau, seed), all advancing together: one extraction run per step.
 
     Each step's forwards start at the step's first ablated layer from the stored clean residual
     (extract/prefix.py); `extract_settings` overrides the step runs' settings (bench/bench_prune.py).
     `scores` (prompt index -> attribution score per feature) order the blocks (order attribution) or drive
     the bisection (order bisect, analyze/bisect.py). With `cache` ((prompt id, spec hash) -> (run, item, P)),
-    shared by several calls (analyze/descend.py), a (prompt, set) measured before is read, not run again."""
+    shared by several calls (analyze/descend.py), a (prompt, set) measured before is read, not run again.
+    `drift` False keeps gallop's base at P(pool) (analyze/gallop.py)."""
     step_settings = extract_settings or _quiet(settings.batch_size, 0)
 
     def measure(rows: list[int], ablated: list[list[Feature]]) -> Evaluated:
@@ -264,7 +268,7 @@ def lockstep_prune(store: Store, model: LoadedModel, saes: list[SaeRef], prompts
     if settings.order == "gallop":
         from analyze.gallop import gallop_prune
         return PruneTrace(*gallop_prune(pools, p_full, settings.taus, settings.seeds, scores, settings.block_size,
-                                        measure, prompt_ids, _STEP_SCHEMA, log))
+                                        measure, prompt_ids, _STEP_SCHEMA, log, drift))
     return algorithm1(pools, p_full, settings, measure, prompt_ids, log, scores)
 
 

@@ -169,7 +169,8 @@ def test_settings_round_trip_and_validation():
     assert PruneSettings.from_dict(asdict(s)) == s
     # added later: hashed only when set, so existing prune ids stay
     assert "magnitude_bins" not in PruneSettings().hashed() and PruneSettings(magnitude_bins=10).hashed()["magnitude_bins"] == 10
-    for bad in ({"block_size": 0}, {"pool": "all"}, {"seeds": (1, 1)}, {"taus": ()}, {"magnitude_bins": 0}):
+    for bad in ({"block_size": 0}, {"pool": "all"}, {"seeds": (1, 1)}, {"taus": ()}, {"magnitude_bins": 0},
+                {"tau_search": "up"}, {"refine": True}):
         with pytest.raises(UsageError):
             PruneSettings(**bad)
 
