@@ -20,11 +20,14 @@ search decides:
   pruned before, keeps P("I") within tau of P(K). So everything pruned together moves P("I") by less
   than tau; with Algorithm 1's drifting base, one latent at a time, nearly every latent passes and the
   set empties (measured: 17 of 20 refined sets on the default model no longer jailbroke, most of them
-  empty). The refined set is judged and replaces K only when it still jailbreaks. Blocks of N keep up to
+  empty). The refined set is judged and replaces K when it still jailbreaks; when it does not, K is searched
+  again at the next smaller tau of `taus` as the tolerance (a smaller tolerance prunes less), down to the
+  smallest; K stays when none jailbreaks. Blocks of N keep up to
   N - 1 passengers beside each latent that matters; Algorithm 1 sheds them by intersecting seeds, a
   search without a seed (gallop, bisect) never does. Its `pruning_steps` rows continue the tau's search (step
-  numbers after its last step; blocks of one feature). In `set_checks` the replaced set stays as kind
-  'unrefined', a rejected refinement is kind 'refined'; neither is selected.
+  numbers after its last step, tau the set's tau; blocks of one feature; p_base is P(K) throughout and
+  the tolerance of an attempt is the tau its deltas were held to). In `set_checks` the replaced set stays
+  as kind 'unrefined', each rejected attempt is kind 'refined'; neither is selected.
 
 Both are options; the default (sweep, no refinement) is the paper's protocol.
 """
@@ -76,7 +79,8 @@ def descending(store, model, saes, prompts, pools: list[set[Feature]], p_full: n
 
 def refine(store, model, saes, prompts, trace, sets: dict[tuple[int, float], frozenset[Feature]],
            frame: pl.DataFrame, scores, judge, settings, log: Log = no_log):
-    """Search each jailbreaking selected set again with blocks of one (module docstring).
+    """Search each jailbreaking selected set again with blocks of one, down a ladder of tolerances
+    (module docstring).
 
     Returns (trace with the refinement's steps and evaluations added, sets, frame, summary counts)."""
     from analyze.prune import PruneTrace, _judged, lockstep_prune, minimal_sets
@@ -84,44 +88,67 @@ def refine(store, model, saes, prompts, trace, sets: dict[tuple[int, float], fro
     t0, cache = time.perf_counter(), {}
     index = {p.prompt_id: i for i, p in enumerate(prompts)}
     won = frame.filter((pl.col("kind") == "set") & pl.col("selected") & pl.col("jailbroken"))
-    last_step = {(prompt_id, tau): step for prompt_id, tau, step in trace.steps.group_by("prompt_id", "tau")
+    todo = {index[p]: (tau, float(p_i)) for p, tau, p_i in won.select("prompt_id", "tau", "p_i").iter_rows()}
+    tolerance = {i: tau for i, (tau, _) in todo.items()}
+    next_step = {(prompt_id, tau): step + 1 for prompt_id, tau, step in trace.steps.group_by("prompt_id", "tau")
                  .agg(pl.col("step").max()).select("prompt_id", "tau", "step").iter_rows()}
-    steps, refined = [trace.steps], {}
+    steps, kept, checked, tried = [trace.steps], {}, [], {i: 0 for i in todo}
     n_steps, n_eval, n_items = trace.n_steps, trace.n_evaluations, trace.n_forward_items
-    for tau in sorted(set(won["tau"].to_list()), reverse=True):
-        group = won.filter(pl.col("tau") == tau)
-        rows = [index[p] for p in group["prompt_id"]]
-        one = replace(settings, taus=(tau,), block_size=1, order="gallop")
-        sub = lockstep_prune(store, model, saes, [prompts[i] for i in rows], [set(sets[(i, tau)]) for i in rows],
-                             group["p_i"].to_numpy().astype(np.float64), one, log,
-                             [scores[i] for i in rows], cache=cache, drift=False)
-        offsets = pl.DataFrame({"prompt_id": [prompts[i].prompt_id for i in rows],
-                                "offset": [last_step.get((prompts[i].prompt_id, float(np.float32(tau))), -1) + 1
-                                           for i in rows]})
-        steps.append(sub.steps.join(offsets, on="prompt_id").with_columns((pl.col("step") + pl.col("offset"))
-                                                                           .cast(pl.Int32)).drop("offset"))
-        n_steps, n_eval, n_items = n_steps + sub.n_steps, n_eval + sub.n_evaluations, n_items + sub.n_forward_items
-        refined.update({(rows[j], t): fs for (j, t), fs in minimal_sets(sub.kept, len(rows), one).items()})
+    while todo:
+        attempt: dict[int, frozenset[Feature]] = {}
+        for tol in sorted({tolerance[i] for i in todo}, reverse=True):
+            rows = sorted(i for i in todo if tolerance[i] == tol)
+            one = replace(settings, taus=(tol,), block_size=1, order="gallop")
+            sub = lockstep_prune(store, model, saes, [prompts[i] for i in rows], [set(sets[(i, todo[i][0])]) for i in rows],
+                                 np.array([todo[i][1] for i in rows]), one, log, [scores[i] for i in rows],
+                                 cache=cache, drift=False)
+            n_steps, n_eval, n_items = n_steps + sub.n_steps, n_eval + sub.n_evaluations, n_items + sub.n_forward_items
+            keys = [(prompts[i].prompt_id, float(np.float32(todo[i][0]))) for i in rows]
+            at = pl.DataFrame({"prompt_id": [k[0] for k in keys], "set_tau": [k[1] for k in keys],
+                               "offset": [next_step.get(k, 0) for k in keys]},
+                              schema_overrides={"set_tau": pl.Float32, "offset": pl.Int32})
+            moved = (sub.steps.join(at, on="prompt_id")
+                     .with_columns((pl.col("step") + pl.col("offset")).cast(pl.Int32), pl.col("set_tau").alias("tau"))
+                     .drop("offset", "set_tau"))
+            steps.append(moved)
+            for k, last in zip(keys, [moved.filter(pl.col("prompt_id") == k[0])["step"].max() for k in keys]):
+                next_step[k] = int(last) + 1
+            attempt.update({rows[j]: fs for (j, _), fs in minimal_sets(sub.kept, len(rows), one).items()})
+        order = sorted(attempt)
+        judged = _judged(store, model, [prompts[i] for i in order], [attempt[i] for i in order], saes, judge,
+                         settings, log).with_columns(pl.Series("tau", [todo[i][0] for i in order], pl.Float64))
+        checked.append(judged)
+        for i, ok in zip(order, judged["jailbroken"]):
+            tried[i] += 1
+            if ok:
+                kept[i] = attempt[i]
+                del todo[i]
+                continue
+            lower = [t for t in settings.taus if t < tolerance[i]]
+            if lower:
+                tolerance[i] = max(lower)
+            else:
+                del todo[i]
+        log(f"refinement: {len(kept)} sets replaced, {len(todo)} tried again at a smaller tolerance")
     seconds = time.perf_counter() - t0
-    keys = sorted(refined)
-    stats = {"n_refined": len(keys), "n_refined_kept": 0, "refine_evaluations": n_eval - trace.n_evaluations,
-             "refine_forward_items": n_items - trace.n_forward_items, "seconds_refining": seconds}
-    if not keys:
+    before = {index[p]: sets[(index[p], tau)] for p, tau in won.select("prompt_id", "tau").iter_rows()}
+    stats = {"n_refined": len(tried), "n_refined_kept": len(kept), "n_attempts": sum(tried.values()),
+             "refine_evaluations": n_eval - trace.n_evaluations,
+             "refine_forward_items": n_items - trace.n_forward_items, "seconds_refining": seconds,
+             "sizes_before": [len(before[i]) for i in sorted(before)],
+             "sizes_after": [len(kept[i]) if i in kept else len(before[i]) for i in sorted(before)],
+             "tolerances": [tolerance[i] if i in kept else None for i in sorted(before)]}
+    if not tried:
         return trace, sets, frame, stats
-    judged = _judged(store, model, [prompts[i] for i, _ in keys], [refined[k] for k in keys], saes, judge, settings,
-                     log).with_columns(pl.Series("tau", [t for _, t in keys], pl.Float64))
-    take = {prompts[i].prompt_id for (i, _), ok in zip(keys, judged["jailbroken"]) if ok}
-    stats.update(n_refined_kept=len(take),
-                 sizes_before=[len(sets[k]) for k in keys], sizes_after=[len(refined[k]) for k in keys])
-    sets = {**sets, **{k: refined[k] for k in keys if prompts[k[0]].prompt_id in take}}
-    selected = (pl.col("kind") == "set") & pl.col("selected") & pl.col("prompt_id").is_in(list(take))
-    new_rows = judged.filter(pl.col("prompt_id").is_in(list(take))).with_columns(
-        pl.lit("set").alias("kind"), pl.lit(True).alias("selected")).select(frame.columns)
-    rejected = judged.filter(~pl.col("prompt_id").is_in(list(take))).with_columns(
-        pl.lit("refined").alias("kind"), pl.lit(False).alias("selected")).select(frame.columns)
-    frame = pl.concat([frame.with_columns(pl.when(selected).then(pl.lit("unrefined")).otherwise("kind").alias("kind"),
-                                          (pl.col("selected") & ~selected).alias("selected")),
-                       new_rows, rejected])
-    steps_frame = pl.concat(steps)
-    return (PruneTrace(steps_frame, trace.kept, n_steps, n_eval, n_items, trace.seconds + seconds),
+    take = [prompts[i].prompt_id for i in kept]
+    tau_of = {index[p]: tau for p, tau in won.select("prompt_id", "tau").iter_rows()}
+    sets = {**sets, **{(i, tau_of[i]): fs for i, fs in kept.items()}}
+    selected = (pl.col("kind") == "set") & pl.col("selected") & pl.col("prompt_id").is_in(take)
+    ok = pl.col("jailbroken")
+    frame = pl.concat([
+        frame.with_columns(pl.when(selected).then(pl.lit("unrefined")).otherwise("kind").alias("kind"),
+                           (pl.col("selected") & ~selected).alias("selected")),
+        *(part.with_columns(pl.when(ok).then(pl.lit("set")).otherwise(pl.lit("refined")).alias("kind"),
+                            ok.alias("selected")).select(frame.columns) for part in checked)])
+    return (PruneTrace(pl.concat(steps), trace.kept, n_steps, n_eval, n_items, trace.seconds + seconds),
             sets, frame, stats)

@@ -179,15 +179,22 @@ def _selected(store, prune_id: str) -> dict:
     return sets
 
 
-def test_descending_taus_select_the_sweeps_sets_with_fewer_evaluations_and_judged_sets(planted_stage1, attributed):
+def _guided(planted_stage1, attributed, order: str = "gallop", judge: str = "p_i", **extra):
+    """prune.run on the fixture's cosine stage 1 in an attribution-guided order."""
     from analyze import prune
     from analyze.prune import PruneSettings
 
     store, model = planted_stage1
-    common = dict(judge="p_i", order="gallop", candidates_id=_cosine_candidates(store),
-                  attribution_id=attributed.attribution_id)
-    sweep = prune.run(store, model, PruneSettings(**common))
-    down = prune.run(store, model, PruneSettings(**common, tau_search="descending"))
+    return prune.run(store, model, PruneSettings(judge=judge, order=order, candidates_id=_cosine_candidates(store),
+                                                 attribution_id=attributed.attribution_id, **extra))
+
+
+def test_descending_taus_select_the_sweeps_sets_with_fewer_evaluations_and_judged_sets(planted_stage1, attributed):
+    from analyze.prune import PruneSettings
+
+    store, _ = planted_stage1
+    sweep = _guided(planted_stage1, attributed)
+    down = _guided(planted_stage1, attributed, tau_search="descending")
     assert down.prune_id != sweep.prune_id and down.summary["tau_search"] == "descending"
     assert "tau_search" not in PruneSettings().hashed() and "refine" not in PruneSettings().hashed()
     assert _selected(store, down.prune_id) == _selected(store, sweep.prune_id)
@@ -202,14 +209,9 @@ def test_descending_taus_select_the_sweeps_sets_with_fewer_evaluations_and_judge
 def test_descending_reads_a_later_taus_repeated_tests_from_the_earlier_ones(planted_stage1, attributed):
     # tau 1e9: every chunk passes, the set is empty and refuses, so the prompt goes on to tau 0.8, whose search
     # starts with the same test: read from tau 1e9's run, not run again
-    from analyze import prune
-    from analyze.prune import PruneSettings
-
-    store, model = planted_stage1
-    common = dict(judge="p_i", order="gallop", candidates_id=_cosine_candidates(store),
-                  attribution_id=attributed.attribution_id, taus=(1e9, 0.8), seeds=(0,))
-    sweep = prune.run(store, model, PruneSettings(**common))
-    down = prune.run(store, model, PruneSettings(**common, tau_search="descending"))
+    store, _ = planted_stage1
+    sweep = _guided(planted_stage1, attributed, taus=(1e9, 0.8), seeds=(0,))
+    down = _guided(planted_stage1, attributed, taus=(1e9, 0.8), seeds=(0,), tau_search="descending")
     assert _selected(store, down.prune_id) == _selected(store, sweep.prune_id)
     assert {tau for tau, _ in _selected(store, down.prune_id).values()} == {0.8}
     steps = store.sql("SELECT tau, step, run_id, item, p_without FROM pruning_steps WHERE prune_id = ? ORDER BY ALL",
@@ -224,14 +226,9 @@ def test_descending_reads_a_later_taus_repeated_tests_from_the_earlier_ones(plan
 @pytest.mark.parametrize("order", ["gallop", "attribution"])
 def test_refinement_sheds_the_passengers_and_leaves_exactly_the_planted_set(planted_stage1, attributed, paper_order,
                                                                            order):
-    from analyze import prune
-    from analyze.prune import PruneSettings
-
-    store, model = planted_stage1
-    common = dict(judge="p_i", order=order, candidates_id=_cosine_candidates(store),
-                  attribution_id=attributed.attribution_id)
-    plain = prune.run(store, model, PruneSettings(**common, tau_search="descending"))
-    refined = prune.run(store, model, PruneSettings(**common, tau_search="descending", refine=True))
+    store, _ = planted_stage1
+    plain = _guided(planted_stage1, attributed, order, tau_search="descending")
+    refined = _guided(planted_stage1, attributed, order, tau_search="descending", refine=True)
     before, after = _selected(store, plain.prune_id), _selected(store, refined.prune_id)
     assert all(s > PLANTED for _, s in before.values())
     assert all(s == PLANTED for _, s in after.values()) and len(after) == 4
@@ -256,6 +253,30 @@ def test_refinement_sheds_the_passengers_and_leaves_exactly_the_planted_set(plan
     for _, run in steps.group_by(["prompt_id"]):
         ones = run.filter(pl.col("step") > run.filter(pl.col("n") > 1)["step"].max())
         assert ones.height >= 3 and (ones["n"] == 1).all()
+
+
+def test_a_refinement_that_no_longer_jailbreaks_is_tried_again_at_the_next_smaller_tolerance(planted_stage1,
+                                                                                            attributed):
+    # tau 20 keeps the planted block of 5 (P("I") 0.004: jailbroken under p_i@0.03); refined at tolerance 20 it
+    # loses a planted latent (P("I") about 0.06: refused), so the ladder refines again at 0.8: the planted 3
+    store, _ = planted_stage1
+    result = _guided(planted_stage1, attributed, judge="p_i@0.03", taus=(20.0, 0.8), tau_search="descending",
+                     refine=True)
+    refine = result.summary["refine"]
+    assert refine["n_refined"] == refine["n_refined_kept"] == 4 and refine["n_attempts"] == 8
+    assert refine["tolerances"] == [0.8] * 4 and refine["sizes_before"] == [5] * 4 and refine["sizes_after"] == [3] * 4
+    assert all(tau == 20.0 and s == PLANTED for tau, s in _selected(store, result.prune_id).values())
+    checks = store.sql("SELECT kind, n_features, jailbroken, selected FROM set_checks WHERE set_id = ? AND kind IN "
+                       "('set', 'unrefined', 'refined')", [result.prune_id])
+    rejected = checks.filter(pl.col("kind") == "refined")
+    assert rejected.height == 4 and (rejected["n_features"] < 3).all() and not rejected["jailbroken"].any()
+    assert checks.filter(pl.col("selected"))["n_features"].to_list() == [3] * 4
+    steps = store.sql("SELECT prompt_id, tau, step, p_base, delta, decision FROM pruning_steps WHERE prune_id = ? "
+                      "AND len(block_features) = 1 ORDER BY prompt_id, step", [result.prune_id])
+    assert set(steps["tau"].to_list()) == {20.0}            # both attempts continue the tau-20 search's rows
+    for _, run in steps.group_by(["prompt_id"]):
+        assert run["step"].is_unique().all() and run["p_base"].n_unique() == 1    # fixed base: P(K)
+        assert run.filter(pl.col("decision") == "prune")["delta"].max() < 20.0
 
 
 def test_attribution_order_tests_the_planted_latents_last_in_one_block(planted_stage1, attributed):
