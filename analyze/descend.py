@@ -85,7 +85,7 @@ def refine(store, model, saes, prompts, trace, sets: dict[tuple[int, float], fro
     Returns (trace with the refinement's steps and evaluations added, sets, frame, summary counts)."""
     from analyze.prune import PruneTrace, _judged, lockstep_prune, minimal_sets
 
-    t0, cache = time.perf_counter(), {}
+    t0, cache, judging = time.perf_counter(), {}, 0.0
     index = {p.prompt_id: i for i, p in enumerate(prompts)}
     won = frame.filter((pl.col("kind") == "set") & pl.col("selected") & pl.col("jailbroken"))
     todo = {index[p]: (tau, float(p_i)) for p, tau, p_i in won.select("prompt_id", "tau", "p_i").iter_rows()}
@@ -114,9 +114,10 @@ def refine(store, model, saes, prompts, trace, sets: dict[tuple[int, float], fro
             for k, last in zip(keys, [moved.filter(pl.col("prompt_id") == k[0])["step"].max() for k in keys]):
                 next_step[k] = int(last) + 1
             attempt.update({rows[j]: fs for (j, _), fs in minimal_sets(sub.kept, len(rows), one).items()})
-        order = sorted(attempt)
+        order, t1 = sorted(attempt), time.perf_counter()
         judged = _judged(store, model, [prompts[i] for i in order], [attempt[i] for i in order], saes, judge,
                          settings, log).with_columns(pl.Series("tau", [todo[i][0] for i in order], pl.Float64))
+        judging += time.perf_counter() - t1
         checked.append(judged)
         for i, ok in zip(order, judged["jailbroken"]):
             tried[i] += 1
@@ -130,11 +131,12 @@ def refine(store, model, saes, prompts, trace, sets: dict[tuple[int, float], fro
             else:
                 del todo[i]
         log(f"refinement: {len(kept)} sets replaced, {len(todo)} tried again at a smaller tolerance")
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - judging          # searches only, as in `descending`
     before = {index[p]: sets[(index[p], tau)] for p, tau in won.select("prompt_id", "tau").iter_rows()}
     stats = {"n_refined": len(tried), "n_refined_kept": len(kept), "n_attempts": sum(tried.values()),
              "refine_evaluations": n_eval - trace.n_evaluations,
              "refine_forward_items": n_items - trace.n_forward_items, "seconds_refining": seconds,
+             "seconds_refine_checks": judging,
              "sizes_before": [len(before[i]) for i in sorted(before)],
              "sizes_after": [len(kept[i]) if i in kept else len(before[i]) for i in sorted(before)],
              "tolerances": [tolerance[i] if i in kept else None for i in sorted(before)]}
