@@ -111,8 +111,8 @@ def refine(store, model, saes, prompts, trace, sets: dict[tuple[int, float], fro
                      .with_columns((pl.col("step") + pl.col("offset")).cast(pl.Int32), pl.col("set_tau").alias("tau"))
                      .drop("offset", "set_tau"))
             steps.append(moved)
-            for k, last in zip(keys, [moved.filter(pl.col("prompt_id") == k[0])["step"].max() for k in keys]):
-                next_step[k] = int(last) + 1
+            last = dict(moved.group_by("prompt_id").agg(pl.col("step").max()).iter_rows())
+            next_step.update({k: int(last[k[0]]) + 1 for k in keys})
             attempt.update({rows[j]: fs for (j, _), fs in minimal_sets(sub.kept, len(rows), one).items()})
         order, t1 = sorted(attempt), time.perf_counter()
         judged = _judged(store, model, [prompts[i] for i in order], [attempt[i] for i in order], saes, judge,

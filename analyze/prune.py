@@ -189,19 +189,8 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
         from analyze.attribution import importance
         _, by_prompt = importance(store, model.name, attribution_id, [p.prompt_id for p in prompts])
         scores = [by_prompt[p.prompt_id] for p in prompts]
-    if settings.tau_search == "descending":
-        from analyze.descend import descending
-        trace, sets, frame = descending(store, model, saes, prompts, pools, p_full, scores, judge, settings, log)
-    else:
-        trace = lockstep_prune(store, model, saes, prompts, pools, p_full, settings, log, scores)
-        sets = minimal_sets(trace.kept, len(prompts), settings)
-        log(f"checking {len(sets)} minimal sets")
-        frame = _judge_sets(store, model, prompts, sets, saes, judge, settings, log)
-    refined = None
-    if settings.refine:
-        from analyze.descend import refine
-        trace, sets, frame, refined = refine(store, model, saes, prompts, trace, sets, frame, scores, judge,
-                                             settings, log)
+    trace, sets, frame, refined = search_and_judge(store, model, saes, prompts, pools, p_full, scores, judge,
+                                                   settings, log)
     log("checking the selected sets' random controls")
     checks = _with_controls(store, model, prompts, sets, frame, active, saes, judge, settings, log)
     per_prompt, per_tau, summary = _summaries(prompts, pools, sets, checks)
@@ -224,6 +213,25 @@ def run(store: Store, model: LoadedModel, settings: PruneSettings, log: Log = no
                    "set_checks": ("set_id", checks.with_columns(pl.lit(pid).alias("set_id"))),
                    "paired_tests": ("analysis_id", paired_frame(pid, summary))})
     return PruneResult(pid, cand["analysis_id"], per_prompt, per_tau, summary)
+
+
+def search_and_judge(store: Store, model: LoadedModel, saes: list[SaeRef], prompts: list[Prompt],
+                     pools: list[set[Feature]], p_full: np.ndarray, scores: list[dict[Feature, float]] | None,
+                     judge: Judge, settings: PruneSettings, log: Log = no_log):
+    """The search over every tau (or taus largest first), each (prompt, tau) set judged, then the refinement
+    when asked (analyze/descend.py): (trace, sets, judged 'set' frame with `selected`, refine counts or None)."""
+    if settings.tau_search == "descending":
+        from analyze.descend import descending
+        trace, sets, frame = descending(store, model, saes, prompts, pools, p_full, scores, judge, settings, log)
+    else:
+        trace = lockstep_prune(store, model, saes, prompts, pools, p_full, settings, log, scores)
+        sets = minimal_sets(trace.kept, len(prompts), settings)
+        log(f"checking {len(sets)} minimal sets")
+        frame = _judge_sets(store, model, prompts, sets, saes, judge, settings, log)
+    if not settings.refine:
+        return trace, sets, frame, None
+    from analyze.descend import refine
+    return refine(store, model, saes, prompts, trace, sets, frame, scores, judge, settings, log)
 
 
 def lockstep_prune(store: Store, model: LoadedModel, saes: list[SaeRef], prompts: list[Prompt],

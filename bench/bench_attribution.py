@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analyze.catalog import latest_analysis  # noqa: E402
 from analyze.common import ablation, evaluate, load_saes, stored_prompts  # noqa: E402
-from analyze.descend import descending, refine  # noqa: E402
 from analyze.judges import get_judge  # noqa: E402
-from analyze.prune import PruneSettings, _judge_sets, _quiet, _stage1_sets, lockstep_prune, minimal_sets  # noqa: E402
+from analyze.prune import PruneSettings, _quiet, _stage1_sets, lockstep_prune, search_and_judge  # noqa: E402
 from extract.gradients import GradientSettings, attributions  # noqa: E402
 from extract.models import load_model  # noqa: E402
 from store import Store  # noqa: E402
@@ -85,18 +84,18 @@ def main() -> None:
         prompts = stored_prompts(source, chosen)
         pools = [set(sorted(p)[:args.pool_size or None]) for p in _stage1_sets(source, cand["analysis_id"], prompts)]
         settings = PruneSettings(batch_size=args.batch_size,
-                                 **{"judge": args.judge or ("p_i" if not args.store else PruneSettings().judge)})
+                                 judge=args.judge or ("p_i" if not args.store else PruneSettings().judge))
         scratch = Store.create(tmp / "p_full")
         p_full = evaluate(scratch, model, prompts, [ablation(sorted(p)) for p in pools], saes,   # warm-up too
                           _quiet(settings.batch_size, 0)).p_i
         judge = get_judge(settings.judge)
-        t0 = time.perf_counter()
-        paper = lockstep_prune(paper_store := Store.create(tmp / "paper"), model, saes, prompts, pools, p_full,
-                               settings)
+        t0, paper_store = time.perf_counter(), Store.create(tmp / "paper")
         if judged:
-            paper_frame = _judge_sets(paper_store, model, prompts, minimal_sets(paper.kept, len(prompts), settings),
-                                      saes, judge, settings, lambda _: None)
+            paper, _, paper_frame, _ = search_and_judge(paper_store, model, saes, prompts, pools, p_full, None, judge,
+                                                        settings)
             paper = replace(paper, seconds=time.perf_counter() - t0)
+        else:
+            paper = lockstep_prune(paper_store, model, saes, prompts, pools, p_full, settings)
         t0 = time.perf_counter()
         found = attributions(model, prompts, saes, GradientSettings(batch_size=args.batch_size)).scores
         t_grad = time.perf_counter() - t0
@@ -106,14 +105,7 @@ def main() -> None:
                          tau_search=args.tau_search, refine=args.refine)
         t0, store = time.perf_counter(), Store.create(tmp / "bisect")
         if judged:
-            if args.tau_search == "descending":
-                bisect, sets, frame = descending(store, model, saes, prompts, pools, p_full, scores, judge, guided)
-            else:
-                bisect = lockstep_prune(store, model, saes, prompts, pools, p_full, guided, scores=scores)
-                sets = minimal_sets(bisect.kept, len(prompts), guided)
-                frame = _judge_sets(store, model, prompts, sets, saes, judge, guided, lambda _: None)
-            if args.refine:
-                bisect, sets, frame, _ = refine(store, model, saes, prompts, bisect, sets, frame, scores, judge, guided)
+            bisect, _, frame, _ = search_and_judge(store, model, saes, prompts, pools, p_full, scores, judge, guided)
             bisect = replace(bisect, seconds=time.perf_counter() - t0)
         else:
             bisect = lockstep_prune(store, model, saes, prompts, pools, p_full, guided, scores=scores)
