@@ -90,6 +90,8 @@ def sae_train(
     width: Optional[int] = opt("--width", "Latents per SAE."),
     k: Optional[int] = opt("--k", "Active latents per token (TopK, BatchTopK)."),
     architecture: Optional[str] = opt("--architecture", "topk, batchtopk or jumprelu."),
+    sparse: Optional[bool] = typer.Option(None, "--sparse-step/--dense-step", help=(
+        "TopK: the step that gathers the k active latents (default), or sae-lens's dense step.")),
     tokens: Optional[int] = opt("--tokens", "Training rows per layer."),
     epochs: Optional[float] = opt("--epochs", "Passes over the training rows."),
     lr: Optional[float] = opt("--lr", "Adam learning rate (cosine decay to lr/10)."),
@@ -118,8 +120,8 @@ def sae_train(
         section = pipeline.read_profile(profile, loaded.n_layers).get("sae") or {}
         chosen = list(parse_layers(layers, loaded.n_layers)) if layers else None
         settings = st.TrainSettings.from_dict({**section, **{k: v for k, v in dict(
-            layers=chosen, width=width, k=k, architecture=architecture, tokens=tokens, epochs=epochs, lr=lr,
-            seed=seed).items() if v is not None}})
+            layers=chosen, width=width, k=k, architecture=architecture, sparse=sparse, tokens=tokens,
+            epochs=epochs, lr=lr, seed=seed).items() if v is not None}})
         results = st.train_saes(the_store, loaded, settings, log=_log)
     for line in [st.summary_line(results), *st.detail_lines(results, settings)]:
         typer.echo(line)

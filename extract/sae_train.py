@@ -14,7 +14,8 @@ The recipe, for models with no published SAEs (the default model):
 3. Training: sae-lens's `SAETrainer` on a `TopKTrainingSAE` (or `BatchTopKTrainingSAE`,
    `JumpReLUTrainingSAE`), inputs scaled so their mean norm is sqrt(d_in) (folded into the
    weights at the end), b_dec initialised at the mean, cosine learning-rate decay after a short
-   warm-up, TopK's auxiliary loss reviving latents dead for a window. Seeded per layer.
+   warm-up, TopK's auxiliary loss reviving latents dead for a window. Seeded per layer. A TopK
+   step gathers the k active latents instead of dense matmuls (`sparse`, extract/sae_sparse.py).
 4. Quality on held-out text: fraction of variance unexplained and mean L0 over ordinary rows,
    dead latents (never firing on any training row), relative error on the massive rows, and the
    next-token loss with the SAE's reconstruction spliced in at every ordinary position, beside
@@ -46,6 +47,7 @@ from extract.hooks import captured
 from extract.models import LoadedModel
 from extract.prefix import started_at
 from extract.run import ExtractSettings, extract, make_items
+from extract.sae_sparse import SparseTopKTrainingSAE
 from extract.saes import load_sae
 from store.errors import UsageError
 from store.settings import Settings
@@ -63,6 +65,8 @@ class TrainSettings(Settings):
     width: int = 4096
     k: int = 32
     architecture: str = "topk"
+    sparse: bool = True              # topk: the step gathers the k active latents (extract/sae_sparse.py), the
+                                     # same function and gradients as sae-lens's dense step, sums reordered
     tokens: int = 100_000            # training rows collected per layer (text windows + chat prompts)
     chat_share: float = 0.25         # share of those rows taken from chat prompts
     epochs: float = 2.0              # passes over the training rows
@@ -95,6 +99,8 @@ class TrainSettings(Settings):
     def settings_hash(self) -> str:
         """What makes an SAE: everything but the layer list (one layer's SAE does not depend on the others)."""
         raw = {k: v for k, v in asdict(self).items() if k != "layers"}
+        if raw.pop("sparse") and self.architecture == "topk":
+            raw["sparse"] = True     # hashed only when it applies: dense SAEs keep the ids they had before it
         return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -184,7 +190,8 @@ def build_training_sae(settings: TrainSettings, d_in: int, device: str):
     common = dict(d_in=d_in, d_sae=settings.width, dtype="float32", device=device,
                   normalize_activations="expected_average_only_in")
     if settings.architecture == "topk":
-        return TopKTrainingSAE(TopKTrainingSAEConfig(k=settings.k, **common))
+        cls = SparseTopKTrainingSAE if settings.sparse else TopKTrainingSAE
+        return cls(TopKTrainingSAEConfig(k=settings.k, **common))
     if settings.architecture == "batchtopk":
         return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=settings.k, **common))
     return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common))
