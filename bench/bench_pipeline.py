@@ -11,6 +11,10 @@ formula at the measured profile); the prediction for another profile is c x form
 stage's measured seconds per row scaled by its generated-token share. No model runs here.
 
     python bench/bench_pipeline.py --store stores/quick --predict default
+    python bench/bench_pipeline.py --store stores/quick --predict default --stage2-prompts 30
+
+`--stage2-prompts N` predicts the target profile with as many stage-1 prompts as it takes to bring N
+refused, jailbroken prompts to stage 2 at the measured refusal and stage-1 rates (and no max_prompts).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -113,10 +117,20 @@ def _direction_layers(s: PipelineSettings) -> int:
     return _n(s.direction.layers) or int(0.8 * N_LAYERS)
 
 
+def _broken_share(o: dict[str, float]) -> float:
+    return o.get("stage1_broken", 0) / max(o.get("stage1_refused", 1), 1)
+
+
 def _stage2_prompts(s: PipelineSettings, o: dict[str, float]) -> float:
-    broken_share = o.get("stage1_broken", 0) / max(o.get("stage1_refused", 1), 1)
     refused = s.candidates.n_prompts * o.get("refused_share", 1.0)
-    return min(s.prune.max_prompts or 10**9, refused * broken_share)
+    return min(s.prune.max_prompts or 10**9, refused * _broken_share(o))
+
+
+def with_stage2_prompts(s: PipelineSettings, o: dict[str, float], n: int) -> PipelineSettings:
+    """`s` with the stage-1 prompts that bring n prompts to stage 2 at the measured rates, and no stage caps."""
+    n_prompts = math.ceil(n / max(o.get("refused_share", 1.0) * _broken_share(o), 1e-9))
+    return replace(s, candidates=replace(s.candidates, n_prompts=n_prompts), prune=replace(s.prune, max_prompts=None),
+                   stage3=replace(s.stage3, max_prompts=None), redundancy=replace(s.redundancy, max_prompts=None))
 
 
 def _pool(s: PipelineSettings, o: dict[str, float]) -> float:
@@ -212,6 +226,8 @@ def main() -> None:
     ap.add_argument("--model", default="qwen-coder-0.5b")
     ap.add_argument("--profile", default="quick", help="the profile recorded in the store")
     ap.add_argument("--predict", default="default", help="the profile to predict")
+    ap.add_argument("--stage2-prompts", type=int, default=None,
+                    help="predict with enough stage-1 prompts to bring this many prompts to stage 2")
     args = ap.parse_args()
 
     store = Store.open(args.store)
@@ -236,6 +252,10 @@ def main() -> None:
     # stage 2 runs one extraction run per lockstep step: as many as the largest pool has blocks
     o["blocks_ratio"] = (_pool(target, o) / target.prune.block_size + 2) / max(o.get("mean_blocks", 1) + 2, 1)
     print(f"\noutcomes measured: {', '.join(f'{k} {v:.3g}' for k, v in o.items())}")
+    if args.stage2_prompts:
+        target = with_stage2_prompts(target, o, args.stage2_prompts)
+        print(f"for {args.stage2_prompts} stage-2 prompts: {target.candidates.n_prompts} stage-1 prompts "
+              f"({o['refused_share']:.0%} refused, {_broken_share(o):.0%} of those jailbroken), no max_prompts")
     alpha, beta, gamma = run_rates(work)
     print(f"run time fitted over {sum(w.runs for w in work.values())} runs: {alpha:.2f} s per run + "
           f"{1000 * beta:.1f} s per 1k prompt tokens + {gamma:.3f} s per decode step (batch x token)")

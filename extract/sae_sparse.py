@@ -39,9 +39,10 @@ class _TopKEncode(torch.autograd.Function):
         pre = torch.addmm(b_enc, x, W_enc)                        # [B, W]
         hidden = pre * scale
         top = hidden.topk(k, dim=-1, sorted=False)
-        idx = top.indices
-        values = top.values.relu()
-        ctx.save_for_backward(x, W_enc, scale, idx, pre.gather(-1, idx), top.values > 0)
+        idx, order = top.indices.sort(dim=-1)                     # ascending columns: a valid CSR row
+        chosen = top.values.gather(-1, order)
+        values = chosen.relu()
+        ctx.save_for_backward(x, W_enc, scale, idx, pre.gather(-1, idx), chosen > 0)
         ctx.mark_non_differentiable(idx, hidden)              # hidden: for the trainer's logs and the aux mask
         return values, idx, hidden
 
@@ -78,7 +79,7 @@ class _Decode(torch.autograd.Function):
 
 
 def _csr(values: torch.Tensor, idx: torch.Tensor, width: int) -> torch.Tensor:
-    """The [B, width] matrix holding values[b, j] at column idx[b, j], as CSR (k entries per row)."""
+    """The [B, width] matrix holding values[b, j] at column idx[b, j] (ascending in each row), as CSR."""
     n, k = idx.shape
     crow = torch.arange(0, n * k + 1, k, device=idx.device)
     with warnings.catch_warnings():              # "Sparse CSR tensor support is in beta state"
