@@ -163,7 +163,7 @@ def _rounds(s: PipelineSettings, o: dict[str, float]) -> float:
 
 
 FORMULAS: dict[str, tuple[str, Formula]] = {
-    "saes": ("tokens x layers x epochs (training); collection: tokens", _sae_rows),
+    "saes": ("tokens x layers x epochs (training); collection: tokens; quality: layers x windows", _sae_rows),
     "direction": ("n_train x 2 + n_val x 2 x (layers + n_random + 2)",
                   lambda s, o: 2 * s.direction.n_train + 2 * s.direction.n_val * (_direction_layers(s)
                                                                                 + s.direction.n_random + 2)),
@@ -185,6 +185,26 @@ FORMULAS: dict[str, tuple[str, Formula]] = {
     "taxonomy": ("CoCoNot prompts of the taxonomy subset, the first n_coconot (None: all shipped)",
                  _coconot_prompts),
 }
+
+
+def _sae_seconds(store: Store, model: str, w: Work, measured: PipelineSettings, target: PipelineSettings,
+                 ratio: float) -> float:
+    """The SAE stage at the target: collection is one forward over the training tokens for every layer at once
+    (it scales with the tokens); training (each SAE's recorded train_seconds) with tokens x layers x epochs
+    (`ratio`); each layer's quality pass (its seconds less training) with the layers and the held-out windows;
+    the rest of the stage with the layers."""
+    if not (target.sae and measured.sae):
+        return w.seconds
+    m = [json.loads(x) for x in store.sql("SELECT metrics FROM saes WHERE model = ? AND metrics IS NOT NULL",
+                                          [model])["metrics"].to_list()]
+    train = sum(x.get("train_seconds", 0.0) for x in m)
+    quality = sum(x.get("seconds", 0.0) for x in m) - train
+    layers = _n(target.sae.layers) / max(_n(measured.sae.layers), 1)
+    windows = ((target.sae.eval_windows + target.sae.ce_windows)
+               / (measured.sae.eval_windows + measured.sae.ce_windows))
+    rest = w.seconds - w.run_seconds - train - quality
+    return (w.run_seconds * target.sae.tokens / measured.sae.tokens + train * ratio + quality * layers * windows
+            + rest * layers)
 
 
 def _generate(stage: str, s: PipelineSettings) -> int:
@@ -273,10 +293,7 @@ def main() -> None:
         g_here, g_there = _generate(stage, measured), _generate(stage, target)
         outside = w.seconds - w.run_seconds                  # training, fitting, judging, bookkeeping
         if stage == "saes":
-            # collection is one forward over the training tokens for every layer at once: it scales with the
-            # tokens; training (outside the runs) scales with tokens x layers x epochs
-            tokens_ratio = target.sae.tokens / measured.sae.tokens if target.sae and measured.sae else 1.0
-            seconds = w.run_seconds * tokens_ratio + outside * ratio
+            seconds = _sae_seconds(store, args.model, w, measured, target, ratio)
         else:
             runs = w.runs * (o.get("blocks_ratio", 1.0) if stage == "prune" else 1.0)
             decode = w.decode_steps * ratio * (g_there / g_here if g_here else 1.0)
