@@ -23,6 +23,7 @@ from analyze.common import Log, analysis_id, model_key, evaluate, no_log, rate, 
 from analyze.catalog import save_analysis
 from extract.models import readout_logits
 from analyze.judges import Judge, PhraseJudge, get_judge, judge_run
+from analyze.metrics import wilson
 from analyze.settings import JudgedSettings
 from analyze.text import fmt, pct, share_text
 from extract.datasets import Prompt
@@ -253,19 +254,24 @@ def _cosines(store: Store, base: _Baseline, r: torch.Tensor, n_layers: int) -> d
 def _table(did, vectors, raw_norms, usable, sweep, kl, cos, best, n_refused) -> pl.DataFrame:
     n_layers = vectors.shape[0]
     get = lambda l, key: sweep[l][key] if l in sweep else None  # noqa: E731
+    interval = {l: wilson(round(sweep[l]["asr"] * n_refused), n_refused) if l in sweep and n_refused else (None, None)
+                for l in range(n_layers)}
     return pl.DataFrame({
         "direction_id": [did] * n_layers, "layer": list(range(n_layers)),
         "vector": [v.tolist() for v in vectors], "raw_norm": raw_norms.tolist(),
         "evaluated": [l in sweep for l in range(n_layers)],
         "n_refused": [n_refused if l in sweep else None for l in range(n_layers)],
         "asr": [get(l, "asr") for l in range(n_layers)],
+        "asr_ci_low": [interval[l][0] for l in range(n_layers)],
+        "asr_ci_high": [interval[l][1] for l in range(n_layers)],
         "asr_phrase": [get(l, "asr_phrase") for l in range(n_layers)],
         "mean_p_i": [get(l, "mean_p_i") for l in range(n_layers)],
         "kl_harmless": [kl.get(l) for l in range(n_layers)],
         **{k: v.tolist() for k, v in cos.items()},
         "selected": [l == best for l in range(n_layers)],
     }, schema_overrides={"layer": pl.Int16, "vector": pl.List(pl.Float32), "n_refused": pl.Int32,
-                         "asr": pl.Float64, "asr_phrase": pl.Float64, "mean_p_i": pl.Float64,
+                         "asr": pl.Float64, "asr_ci_low": pl.Float64, "asr_ci_high": pl.Float64,
+                         "asr_phrase": pl.Float64, "mean_p_i": pl.Float64,
                          "kl_harmless": pl.Float64})
 
 
@@ -284,9 +290,11 @@ def summary_line(r: DirectionResult) -> str:
 def detail_lines(r: DirectionResult) -> list[str]:
     """The per-layer table and both controls."""
     c = r.controls
-    lines = [f"{'layer':>5} {'|r|':>8} {'ASR':>5} {'phrase':>6} {'P(I)':>6} {'KL':>6} {'cos_h':>6} {'cos_b':>6}"]
+    lines = [f"{'layer':>5} {'|r|':>8} {'ASR':>5} {'95% CI':>12} {'phrase':>6} {'P(I)':>6} {'KL':>6} {'cos_h':>6} "
+             f"{'cos_b':>6}"]
     for row in r.layers.iter_rows(named=True):
-        lines.append(f"{row['layer']:>5} {row['raw_norm']:>8.2f} {fmt(row['asr']):>5} {fmt(row['asr_phrase']):>6} "
+        ci = f"[{fmt(row['asr_ci_low'])}, {fmt(row['asr_ci_high'])}]" if row["asr_ci_low"] is not None else "-"
+        lines.append(f"{row['layer']:>5} {row['raw_norm']:>8.2f} {fmt(row['asr']):>5} {ci:>12} {fmt(row['asr_phrase']):>6} "
                      f"{fmt(row['mean_p_i'], '.3f'):>6} {fmt(row['kl_harmless']):>6} {row['cos_harmful']:>6.3f} "
                      f"{row['cos_benign']:>6.3f}{'  <- l*' if row['selected'] else ''}")
     listed = lambda xs: " ".join(fmt(x) for x in xs) or "-"  # noqa: E731

@@ -7,6 +7,7 @@ import pytest
 
 from analyze import direction
 from analyze.direction import DirectionSettings
+from analyze.metrics import wilson
 from extract.models import load_model
 from store import Store, UsageError
 from tests.planted import N_LAYERS, PLANTED_LAYER, direction_settings
@@ -44,6 +45,15 @@ def test_directions_table_and_runs_in_the_store(found):
     assert rows.height == N_LAYERS and rows["selected"].sum() == 1
     norms = [np.linalg.norm(v) for v in rows["vector"].to_list()]
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    n = result.controls["n_refused"]
+    for row in rows.iter_rows(named=True):                  # each evaluated layer's ASR with its Wilson interval
+        if not row["evaluated"]:
+            assert row["asr_ci_low"] is None and row["asr_ci_high"] is None
+            continue
+        assert (row["asr_ci_low"], row["asr_ci_high"]) == pytest.approx(wilson(round(row["asr"] * n), n))
+        assert row["asr_ci_low"] <= row["asr"] <= row["asr_ci_high"]
+    at_planted = rows.row(PLANTED_LAYER, named=True)
+    assert at_planted["asr"] == 1.0 and at_planted["asr_ci_high"] == pytest.approx(1.0) and at_planted["asr_ci_low"] < 1
     # every forward went through an extraction run in the store
     runs = set(store.sql("SELECT run_id FROM runs WHERE status = 'complete'")["run_id"])
     assert set(result.controls["runs"].values()) <= runs
