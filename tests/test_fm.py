@@ -278,6 +278,9 @@ def test_stage3_fits_caches_and_sweeps(tmp_path, tiny, tiny_saes):
     assert stage3.asr_table(result.asr).columns == ["k", "stage2", "fm", "probe"]
     assert result.asr["ci_low"].to_list() == pytest.approx(
         [wilson(k, n)[0] for k, n in result.asr.select("n_jailbroken", "n_prompts").iter_rows()])
+    low, high = wilson(round(result.fm_accuracy["test"] * 2), 2)          # accuracy over the 2 test prompts
+    assert f"FM test accuracy {result.fm_accuracy['test']:.3f} [{low:.3f}, {high:.3f}]" in stage3.summary_line(result)
+    assert "(2 test prompts, Wilson)" in stage3.summary_line(result)
 
     out = store.sql("SELECT o.ranker, o.k, o.prompt_id, o.n_ablated, s.spec FROM stage3_outcomes o "
                     "JOIN items i USING (run_id, item) JOIN interventions s ON s.spec_hash = i.spec_hash "
