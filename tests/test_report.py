@@ -28,7 +28,9 @@ def fill_analysis_tables(store: Store) -> None:
     with store.transaction() as con:
         con.execute(f"INSERT INTO analyses VALUES ('dir1', 'direction', 'planted', NULL, 'content:x', '{{}}', '{{}}', {NOW}, 't')")
         for layer in range(4):
-            con.execute("INSERT INTO directions VALUES ('dir1', ?, [0.6, 0.8]::FLOAT[], 3.0, TRUE, 10, ?, ?, 0.2, 0.1, "
+            con.execute("INSERT INTO directions (direction_id, layer, vector, raw_norm, evaluated, n_refused, asr, "
+                        "asr_phrase, mean_p_i, kl_harmless, cos_harmful, cos_harmful_std, cos_benign, cos_benign_std, "
+                        "selected) VALUES ('dir1', ?, [0.6, 0.8]::FLOAT[], 3.0, TRUE, 10, ?, ?, 0.2, 0.1, "
                         "?, 0.05, ?, 0.04, ?)", [layer, layer / 4, layer / 5, 0.1 * layer, 0.02 * layer, layer == 2])
         for k, chosen in ((10, False), (20, True)):
             con.execute("INSERT INTO candidate_sets VALUES ('c1', 'p1', ?, ?, 'r', 0, 0.3, 'compliance', ?, ?)",

@@ -44,9 +44,9 @@ def test_the_gathered_step_has_sae_lens_dense_loss_and_gradients(n_dead):
     (a, grads_a), (b, grads_b) = _step(dense, x, dead), _step(sparse, x, dead)
     assert set(a.losses) <= set(b.losses)
     for name in a.losses:
-        assert float(b.losses[name]) == pytest.approx(float(a.losses[name]), rel=1e-12), name
+        assert float(b.losses[name].detach()) == pytest.approx(float(a.losses[name].detach()), rel=1e-12), name
     if n_dead:
-        assert float(a.losses["auxiliary_reconstruction_loss"]) > 0
+        assert float(a.losses["auxiliary_reconstruction_loss"].detach()) > 0
     assert torch.equal(a.feature_acts != 0, b.feature_acts != 0)
     torch.testing.assert_close(b.feature_acts, a.feature_acts, rtol=1e-12, atol=1e-12)
     for name, grad in grads_a.items():
