@@ -89,7 +89,8 @@ def refine(store, model, saes, prompts, trace, sets: dict[tuple[int, float], fro
     index = {p.prompt_id: i for i, p in enumerate(prompts)}
     won = frame.filter((pl.col("kind") == "set") & pl.col("selected") & pl.col("jailbroken"))
     todo = {index[p]: (tau, float(p_i)) for p, tau, p_i in won.select("prompt_id", "tau", "p_i").iter_rows()}
-    tolerance = {i: tau for i, (tau, _) in todo.items()}
+    tau_of = {i: tau for i, (tau, _) in todo.items()}                  # each refined set's own tau
+    tolerance = dict(tau_of)
     next_step = {(prompt_id, tau): step + 1 for prompt_id, tau, step in trace.steps.group_by("prompt_id", "tau")
                  .agg(pl.col("step").max()).select("prompt_id", "tau", "step").iter_rows()}
     steps, kept, checked, tried = [trace.steps], {}, [], {i: 0 for i in todo}
@@ -132,7 +133,7 @@ def refine(store, model, saes, prompts, trace, sets: dict[tuple[int, float], fro
                 del todo[i]
         log(f"refinement: {len(kept)} sets replaced, {len(todo)} tried again at a smaller tolerance")
     seconds = time.perf_counter() - t0 - judging          # searches only, as in `descending`
-    before = {index[p]: sets[(index[p], tau)] for p, tau in won.select("prompt_id", "tau").iter_rows()}
+    before = {i: sets[(i, tau)] for i, tau in tau_of.items()}
     stats = {"n_refined": len(tried), "n_refined_kept": len(kept), "n_attempts": sum(tried.values()),
              "refine_evaluations": n_eval - trace.n_evaluations,
              "refine_forward_items": n_items - trace.n_forward_items, "seconds_refining": seconds,
@@ -143,7 +144,6 @@ def refine(store, model, saes, prompts, trace, sets: dict[tuple[int, float], fro
     if not tried:
         return trace, sets, frame, stats
     take = [prompts[i].prompt_id for i in kept]
-    tau_of = {index[p]: tau for p, tau in won.select("prompt_id", "tau").iter_rows()}
     sets = {**sets, **{(i, tau_of[i]): fs for i, fs in kept.items()}}
     selected = (pl.col("kind") == "set") & pl.col("selected") & pl.col("prompt_id").is_in(take)
     ok = pl.col("jailbroken")

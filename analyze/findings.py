@@ -22,7 +22,7 @@ import polars as pl
 
 from analyze import taxonomy
 from analyze.judges import get_judge
-from analyze.metrics import rate_text, wilson
+from analyze.metrics import accuracy_text, rate_text, wilson
 from extract.datasets import DATA_DIR
 from store import Store, UsageError
 
@@ -237,10 +237,7 @@ def _accuracy_text(store: Store, metrics: dict[str, Any], acc: dict[str, float])
         n = int(found["n"][0]) if found.height and found["n"][0] is not None else None
     if not n:
         return f"FM {acc['fm']:.3f}, probe {acc['probe']:.3f} (n test not stored)"
-    parts = []
-    for name, key in (("FM", "fm"), ("probe", "probe")):
-        low, high = wilson(round(acc[key] * n), n)
-        parts.append(f"{name} {acc[key]:.3f} [{low:.3f}, {high:.3f}]")
+    parts = [f"{name} {accuracy_text(acc[key], n)}" for name, key in (("FM", "fm"), ("probe", "probe"))]
     return ", ".join(parts) + f" (n = {n} test prompts, Wilson over prompts)"
 
 

@@ -61,6 +61,12 @@ def rate_text(k: int, n: int) -> str:
     return f"{100 * k / n:.0f}% [{100 * low:.0f}%, {100 * high:.0f}%] ({k}/{n})"
 
 
+def accuracy_text(accuracy: float, n: int) -> str:
+    """'0.944 [0.742, 0.990]': an accuracy over n independent items with its Wilson 95% interval."""
+    low, high = wilson(round(accuracy * n), n)
+    return f"{accuracy:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def _check(truth: Sequence[str], pred: Sequence[str]) -> None:
     assert len(truth) == len(pred), (len(truth), len(pred))
 

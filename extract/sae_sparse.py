@@ -54,10 +54,9 @@ class _TopKEncode(torch.autograd.Function):
         flat = idx.reshape(-1)
         grad_scale = torch.zeros_like(scale).index_add_(0, flat, (g * pre_top).reshape(-1))
         grad_b = torch.zeros_like(scale).index_add_(0, flat, g_pre.reshape(-1))
-        grad_W = _csr(g_pre, idx, W_enc.shape[1]).t() @ x                          # [W, d]: only the active columns
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _csr(g_pre, idx, W_enc.shape[1]) @ W_enc.T.contiguous()
+        active = _csr(g_pre, idx, W_enc.shape[1])
+        grad_W = active.t() @ x                                   # [W, d]: only the active columns
+        grad_x = active @ W_enc.T.contiguous() if ctx.needs_input_grad[0] else None
         return grad_x, grad_W.T, grad_b, grad_scale, None
 
 
@@ -72,9 +71,10 @@ class _Decode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         values, idx, rows = ctx.saved_tensors
-        pattern = _csr(torch.ones_like(values), idx, rows.shape[0])
-        grad_values = torch.sparse.sampled_addmm(pattern, grad_out, rows.T, beta=0.0).values().view_as(values)
-        grad_rows = _csr(values, idx, rows.shape[0]).t() @ grad_out
+        active = _csr(values, idx, rows.shape[0])
+        # (grad_out @ rows.T) at the active entries only; with beta 0 the entries' own values are not read
+        grad_values = torch.sparse.sampled_addmm(active, grad_out, rows.T, beta=0.0).values().view_as(values)
+        grad_rows = active.t() @ grad_out
         return grad_values, None, grad_rows
 
 

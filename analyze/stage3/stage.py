@@ -43,7 +43,7 @@ import polars as pl
 from analyze import catalog
 from analyze.catalog import latest_analysis
 from analyze.common import Feature, Log, no_log, stored_prompts
-from analyze.metrics import rate_text, wilson
+from analyze.metrics import accuracy_text, rate_text
 from analyze.settings import JudgedPromptSettings
 from analyze.stage3 import data as fm_data
 from analyze.stage3.data import FmData
@@ -293,10 +293,9 @@ def summary_line(r: Stage3Result) -> str:
     """One line: FM vs probe test accuracy, the sweep's best ASR per ranker, FM vs probe at the FM's best K with
     McNemar's p, the stage-3 sets alone."""
     n = r.n_prompts.get("test", 0)
-    ci = lambda acc: (" [{:.3f}, {:.3f}]".format(*wilson(round(acc * n), n)) if n else "")  # noqa: E731
-    line = (f"FM test accuracy {r.fm_accuracy['test']:.3f}{ci(r.fm_accuracy['test'])} vs probe "
-            f"{r.probe_accuracy['test']:.3f}{ci(r.probe_accuracy['test'])} ({n} test prompts, Wilson) on "
-            f"{r.n_features} latents at layers {span(list(r.layers))}")
+    acc = lambda a: accuracy_text(a, n) if n else f"{a:.3f}"  # noqa: E731
+    line = (f"FM test accuracy {acc(r.fm_accuracy['test'])} vs probe {acc(r.probe_accuracy['test'])} "
+            f"({n} test prompts, Wilson) on {r.n_features} latents at layers {span(list(r.layers))}")
     if r.asr is None:
         return line
     top = (r.asr.filter(pl.col("ranker") != "stage3_alone").sort("asr", "k", descending=[True, False])
